@@ -1,0 +1,719 @@
+//! One export of a CohortSync: resolve the cohort and the custom data, read
+//! the members from Mixpanel, compare them with the last export, and send
+//! the differences to Kameleoon without ever forgetting who carries the data.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::{Resource, ResourceExt};
+
+use super::failure::Failure;
+use super::progress::Tracker;
+use super::reader::ProjectReader;
+use super::{Scope, lookup};
+use crate::conditions::reasons;
+use crate::crd::{
+    CohortSync, ExportCounts, ExportKind, ExportPhase, KameleoonConnection, MatchBy,
+    ResolvedCohort, ResolvedCustomData,
+};
+use crate::credentials::{self, ConnectionCredentials};
+use crate::identity::{self, Identity, InvalidIdentifier};
+use crate::kameleoon::events::{self, Batch, BatchWriter};
+use crate::kameleoon::{self, NewCustomData};
+use crate::members::{self, Change, MemberSet, MemberSetBuilder};
+use crate::mixpanel::{self, Cohort, ProjectAccess};
+use crate::retry::retry;
+use crate::store::{MemberStore, Snapshot, Target};
+
+/// Times an expired paging session restarts the read before the attempt fails.
+const MAX_READ_RESTARTS: u32 = 3;
+
+/// An export to run.
+pub struct Job<'a> {
+    /// The scope the sync lives in.
+    pub scope: &'a Scope,
+    /// The sync, as the reconciliation read it.
+    pub sync: &'a CohortSync,
+    /// Its connection.
+    pub connection: &'a KameleoonConnection,
+    /// Full or differential.
+    pub kind: ExportKind,
+    /// Where progress goes.
+    pub tracker: &'a Tracker,
+    /// Whether the export stops when the sync changes or is deleted; a
+    /// cleanup on deletion is not abortable.
+    pub abortable: bool,
+}
+
+/// What an export did, or would do (dry run).
+#[derive(Debug)]
+pub struct Report {
+    /// The cohort exported.
+    pub cohort: ResolvedCohort,
+    /// The custom data its members carry.
+    pub custom_data: ResolvedCustomData,
+    /// Full or differential.
+    pub kind: ExportKind,
+    /// Counts.
+    pub counts: ExportCounts,
+    /// Skipped identifiers per rule, with the first one abbreviated.
+    pub invalid: BTreeMap<InvalidIdentifier, (u64, String)>,
+    /// Whether this was a dry run that sent nothing.
+    pub planned: bool,
+    /// Identifiers cleared under a previous cohort or custom data.
+    pub cleared_previous: u64,
+}
+
+/// Members read from Mixpanel.
+struct Read {
+    members: MemberSet,
+    duplicates: u64,
+    anonymous: u64,
+    invalid: BTreeMap<InvalidIdentifier, (u64, String)>,
+}
+
+impl Job<'_> {
+    /// Runs the export.
+    pub async fn run(&self) -> Result<Report, Failure> {
+        let shared = &self.scope.shared;
+        let namespace = self.sync.namespace().unwrap_or_default();
+        let credentials = credentials::read(&shared.client, &namespace, &self.connection.spec)
+            .await
+            .map_err(|e| Failure::credentials(&e))?;
+        let (key, budget) = self.scope.budget(self.connection);
+        let access = ProjectAccess {
+            project_id: self.connection.spec.mixpanel.project_id,
+            region: self.connection.spec.mixpanel.region,
+            credentials: credentials.mixpanel.clone(),
+        };
+        let reader = ProjectReader::new(shared, access, key, budget, Some(self.tracker));
+
+        let cohort = self.resolve_cohort(&reader).await?;
+        let custom_data_name = self
+            .sync
+            .spec
+            .custom_data_name()
+            .unwrap_or(&cohort.name)
+            .to_string();
+        let custom_data = self
+            .resolve_custom_data(&credentials, &custom_data_name)
+            .await?;
+        let match_by = self.connection.spec.kameleoon.match_by;
+        let target = Target {
+            site_code: self.connection.spec.kameleoon.site_code.clone(),
+            custom_data_index: custom_data.index,
+            custom_data_name: custom_data.name.clone(),
+            match_by,
+            cohort_id: cohort.id,
+        };
+        let store =
+            MemberStore::new(shared.client.clone(), self.sync).map_err(|e| Failure::store(&e))?;
+        let mut previous = store.load().await.map_err(|e| Failure::store(&e))?;
+        let dry_run = self.sync.spec.dry_run;
+
+        // Members exported under another cohort, custom data or identifier
+        // kind are cleared first, so the old data set does not linger.
+        let mut cleared_previous = 0;
+        if let Some(old) = previous
+            .as_ref()
+            .filter(|p| p.target != target && p.members > 0)
+        {
+            cleared_previous = old.members;
+            if !dry_run {
+                self.clear(&credentials, old).await?;
+                store
+                    .save(&target, std::iter::empty::<io::Result<&str>>())
+                    .await
+                    .map_err(|e| Failure::store(&e))?;
+            }
+            previous = None;
+        }
+        let previous = previous.filter(|p| p.target == target);
+
+        self.tracker.phase(ExportPhase::ReadingMixpanel);
+        let read = self.read_members(&reader, &cohort, match_by).await?;
+        let (joined, stayed, left) = count_changes(&read.members, previous.as_ref())?;
+        let kind = if previous.is_none() {
+            ExportKind::Full
+        } else {
+            self.kind
+        };
+        let counts = ExportCounts {
+            exported: read.members.len() as i64,
+            added: match kind {
+                ExportKind::Full => (joined + stayed) as i64,
+                ExportKind::Differential => joined as i64,
+            },
+            removed: left as i64,
+            skipped_anonymous: read.anonymous as i64,
+            skipped_invalid: read.invalid.values().map(|(n, _)| *n as i64).sum(),
+            duplicates: read.duplicates as i64,
+        };
+        let report = |planned| Report {
+            cohort: ResolvedCohort {
+                id: cohort.id,
+                name: cohort.name.clone(),
+            },
+            custom_data: custom_data.clone(),
+            kind,
+            counts: counts.clone(),
+            invalid: read.invalid.clone(),
+            planned,
+            cleared_previous,
+        };
+        if dry_run {
+            return Ok(report(true));
+        }
+
+        // Record everyone who may carry the data once the batches below go
+        // out, before any of them does.
+        if joined > 0 || previous.is_none() {
+            let union =
+                diff(&read.members, previous.as_ref()).map(|c| c.map(|c| c.id().to_string()));
+            store
+                .save(&target, union)
+                .await
+                .map_err(|e| Failure::store(&e))?;
+        }
+
+        self.tracker.phase(ExportPhase::WritingKameleoon);
+        let changes = diff(&read.members, previous.as_ref());
+        self.send(&credentials, &target, kind, changes).await?;
+
+        if joined > 0 || left > 0 || previous.is_none() {
+            store
+                .save(&target, read.members.iter().map(Ok))
+                .await
+                .map_err(|e| Failure::store(&e))?;
+        }
+        Ok(report(false))
+    }
+
+    /// Stops the export when the process shuts down or the sync changed.
+    fn check_abort(&self) -> Result<(), Failure> {
+        if !self.abortable {
+            return Ok(());
+        }
+        let shared = &self.scope.shared;
+        if shared.shutdown.is_cancelled() {
+            return Err(Failure::transient(
+                reasons::EXPORT_ABORTED,
+                "the operator is shutting down; the export starts again when it runs again",
+            ));
+        }
+        let namespace = self.sync.namespace().unwrap_or_default();
+        let current = lookup(&self.scope.syncs, &namespace, &self.sync.name_any());
+        match current {
+            Some(current) if current.meta().deletion_timestamp.is_some() => {
+                Err(Failure::transient(
+                    reasons::EXPORT_ABORTED,
+                    "the CohortSync is being deleted; the export stopped",
+                ))
+            }
+            Some(current) if current.meta().generation != self.sync.meta().generation => {
+                Err(Failure::transient(
+                    reasons::EXPORT_ABORTED,
+                    "the spec changed during the export; it starts again for the new spec",
+                ))
+            }
+            None => Err(Failure::transient(
+                reasons::EXPORT_ABORTED,
+                "the CohortSync no longer exists; the export stopped",
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    async fn resolve_cohort(&self, reader: &ProjectReader<'_>) -> Result<Cohort, Failure> {
+        let selector = &self.sync.spec.cohort;
+        let find = |list: &[Cohort]| -> Result<Option<Cohort>, Failure> {
+            if let Some(id) = selector.id {
+                return Ok(list.iter().find(|c| c.id == id).cloned());
+            }
+            let name = selector.name.as_deref().unwrap_or_default();
+            let matches: Vec<&Cohort> = list.iter().filter(|c| c.name == name).collect();
+            match matches.as_slice() {
+                [] => Ok(None),
+                [one] => Ok(Some((*one).clone())),
+                many => Err(Failure::stalled(
+                    reasons::COHORT_AMBIGUOUS,
+                    format!(
+                        "{} cohorts of Mixpanel project {} are named {name:?} (ids {}): set spec.cohort.id instead",
+                        many.len(),
+                        self.connection.spec.mixpanel.project_id,
+                        many.iter()
+                            .map(|c| c.id.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )),
+            }
+        };
+        let list = reader
+            .cohorts(false)
+            .await
+            .map_err(|e| Failure::mixpanel(&e))?;
+        if let Some(cohort) = find(&list)? {
+            return Ok(cohort);
+        }
+        // A cohort created since the list was cached: read the list again,
+        // unless it was read a moment ago.
+        let list = if reader
+            .cohorts_age()
+            .is_some_and(|age| age > Duration::from_secs(10))
+        {
+            reader
+                .cohorts(true)
+                .await
+                .map_err(|e| Failure::mixpanel(&e))?
+        } else {
+            list
+        };
+        find(&list)?.ok_or_else(|| {
+            let wanted = match (selector.id, &selector.name) {
+                (Some(id), _) => format!("id {id}"),
+                (None, Some(name)) => format!("name {name:?}"),
+                (None, None) => "no id or name".to_string(),
+            };
+            Failure::stalled(
+                reasons::COHORT_NOT_FOUND,
+                format!(
+                    "Mixpanel project {} has no cohort with {wanted}: fix spec.cohort or restore the cohort in Mixpanel",
+                    self.connection.spec.mixpanel.project_id
+                ),
+            )
+        })
+    }
+
+    async fn resolve_custom_data(
+        &self,
+        credentials: &ConnectionCredentials,
+        name: &str,
+    ) -> Result<ResolvedCustomData, Failure> {
+        let shared = &self.scope.shared;
+        let site_id = match self
+            .connection
+            .status
+            .as_ref()
+            .and_then(|s| s.site.as_ref())
+        {
+            Some(site) => site.id,
+            None => {
+                return Err(Failure::transient(
+                    reasons::CONNECTION_NOT_READY,
+                    "the connection has not resolved its Kameleoon site yet",
+                ));
+            }
+        };
+        let creds = &credentials.kameleoon;
+        let list = self
+            .kameleoon_call("custom_datas_list", || {
+                shared.kameleoon.list_custom_data(creds, site_id)
+            })
+            .await?;
+        if let Some(existing) = list.into_iter().find(|c| c.name == name) {
+            let boolean = existing
+                .format
+                .as_deref()
+                .is_none_or(|f| f.eq_ignore_ascii_case("BOOLEAN"));
+            let visitor = existing
+                .scope
+                .as_deref()
+                .is_none_or(|s| s.eq_ignore_ascii_case("VISITOR"));
+            if !boolean || !visitor {
+                return Err(Failure::stalled(
+                    reasons::CUSTOM_DATA_INCOMPATIBLE,
+                    format!(
+                        "Kameleoon custom data {name:?} exists with format {} and scope {}, but cohorts need \
+                         a Boolean custom data of scope Visitor: set another spec.customData.name or change \
+                         it in Kameleoon",
+                        existing.format.as_deref().unwrap_or("unknown"),
+                        existing.scope.as_deref().unwrap_or("unknown")
+                    ),
+                ));
+            }
+            return Ok(ResolvedCustomData {
+                name: existing.name,
+                index: existing.index,
+                id: Some(existing.id),
+            });
+        }
+        if self.sync.spec.dry_run {
+            // A dry run creates nothing; the index is unknown until the real export.
+            return Ok(ResolvedCustomData {
+                name: name.to_string(),
+                index: -1,
+                id: None,
+            });
+        }
+        let definition = NewCustomData {
+            name,
+            site_id,
+            format: "BOOLEAN",
+            kind: "UNIQUE",
+            method: "CLIENT",
+            scope: "VISITOR",
+        };
+        let created = self
+            .kameleoon_call("custom_datas_create", || {
+                shared.kameleoon.create_custom_data(creds, &definition)
+            })
+            .await?;
+        tracing::info!(
+            custom_data = name,
+            index = created.index,
+            "Created Kameleoon custom data"
+        );
+        Ok(ResolvedCustomData {
+            name: created.name,
+            index: created.index,
+            id: Some(created.id),
+        })
+    }
+
+    async fn read_members(
+        &self,
+        reader: &ProjectReader<'_>,
+        cohort: &Cohort,
+        match_by: MatchBy,
+    ) -> Result<Read, Failure> {
+        let mut restarts = 0;
+        loop {
+            match self.read_once(reader, cohort, match_by).await {
+                Err(ReadError::SessionExpired(error)) if restarts < MAX_READ_RESTARTS => {
+                    restarts += 1;
+                    tracing::warn!(%error, restarts, "Mixpanel paging session expired; reading the cohort again from page 0");
+                    self.tracker.restart_read();
+                }
+                Err(ReadError::SessionExpired(error)) => return Err(Failure::mixpanel(&error)),
+                Err(ReadError::Failed(failure)) => return Err(failure),
+                Ok(read) => return Ok(read),
+            }
+        }
+    }
+
+    async fn read_once(
+        &self,
+        reader: &ProjectReader<'_>,
+        cohort: &Cohort,
+        match_by: MatchBy,
+    ) -> Result<Read, ReadError> {
+        let mut builder = MemberSetBuilder::default();
+        let mut anonymous = 0u64;
+        let mut invalid: BTreeMap<InvalidIdentifier, (u64, String)> = BTreeMap::new();
+        let mut session: Option<String> = None;
+        let mut total: Option<u64> = None;
+        let mut returned = 0u64;
+        let mut page = 0u64;
+        loop {
+            self.check_abort()?;
+            let result = reader.page(cohort.id, page, session.as_deref()).await;
+            let data = match result {
+                Ok(data) => data,
+                Err(error @ mixpanel::Error::SessionExpired { .. }) => {
+                    return Err(ReadError::SessionExpired(error));
+                }
+                Err(mixpanel::Error::Rejected { status, message }) if page == 0 => {
+                    return Err(ReadError::Failed(Failure::stalled(
+                        reasons::COHORT_UNAVAILABLE,
+                        format!(
+                            "Mixpanel lists cohort {} ({:?}) but refused to return its members (HTTP {status}): {message}",
+                            cohort.id, cohort.name
+                        ),
+                    )));
+                }
+                Err(error) => return Err(ReadError::Failed(Failure::mixpanel(&error))),
+            };
+            if page == 0 {
+                total = data.total;
+                session = data.session_id.clone();
+            }
+            let count = data.results.len() as u64;
+            returned += count;
+            for profile in &data.results {
+                match identity::resolve(&profile.distinct_id, profile.properties.as_ref(), match_by)
+                {
+                    Identity::Member(id) => builder.push(&id),
+                    Identity::Anonymous => anonymous += 1,
+                    Identity::Invalid(kind) => {
+                        let entry = invalid.entry(kind).or_insert_with(|| {
+                            let text = match &profile.distinct_id {
+                                serde_json::Value::String(s) => s.clone(),
+                                other => other.to_string(),
+                            };
+                            (0, identity::abbreviate(&text))
+                        });
+                        entry.0 += 1;
+                    }
+                }
+            }
+            self.tracker.page_read(
+                (page + 1) as i64,
+                returned as i64,
+                total.map(|t| t as i64),
+                data.page_size.max(1) as i64,
+            );
+            let remaining_pages = total
+                .map(|t| t.div_ceil(data.page_size.max(1)).saturating_sub(page + 1))
+                .unwrap_or(0);
+            let wait = if self.scope.shared.config.count_follow_up_pages {
+                reader.budget_wait(remaining_pages)
+            } else {
+                Duration::ZERO
+            };
+            self.tracker
+                .estimate(self.tracker.estimate_read(Timestamp::now(), wait));
+            if count < data.page_size.max(1) {
+                break;
+            }
+            page += 1;
+        }
+        let (members, duplicates) = builder.finish();
+        // Members without a profile are not returned at all; the cohort's
+        // count tells how many there are. The count comes from the cohort
+        // list, which may be a few minutes old.
+        let profiles = total.unwrap_or(returned).max(returned);
+        let without_profile = cohort
+            .count
+            .map_or(0, |c| (c.max(0) as u64).saturating_sub(profiles));
+        Ok(Read {
+            members,
+            duplicates,
+            anonymous: anonymous + without_profile,
+            invalid,
+        })
+    }
+
+    async fn clear(
+        &self,
+        credentials: &ConnectionCredentials,
+        old: &Snapshot,
+    ) -> Result<(), Failure> {
+        self.tracker.phase(ExportPhase::ClearingPrevious);
+        tracing::info!(
+            members = old.members,
+            custom_data = %old.target.custom_data_name,
+            "Clearing members exported under the previous cohort or custom data"
+        );
+        let changes = old.ids().map(|id| id.map(|id| (id, false)));
+        send_lines(self, credentials, &old.target, old.members, changes).await
+    }
+
+    async fn send<'m>(
+        &self,
+        credentials: &ConnectionCredentials,
+        target: &Target,
+        kind: ExportKind,
+        changes: impl Iterator<Item = io::Result<Change<'m>>>,
+    ) -> Result<(), Failure> {
+        let lines = changes.filter_map(move |change| match change {
+            Err(e) => Some(Err(e)),
+            Ok(Change::Joined(id)) => Some(Ok((id.to_string(), true))),
+            Ok(Change::Stayed(id)) if kind == ExportKind::Full => Some(Ok((id.to_string(), true))),
+            Ok(Change::Stayed(_)) => None,
+            Ok(Change::Left(id)) => Some(Ok((id, false))),
+        });
+        send_lines(self, credentials, target, 0, lines).await
+    }
+
+    async fn kameleoon_call<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        request: F,
+    ) -> Result<T, Failure>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, kameleoon::Error>>,
+    {
+        let shared = &self.scope.shared;
+        retry(
+            &shared.config.call_retry,
+            || async {
+                let result = request().await;
+                shared.metrics.api_call("kameleoon", operation, kameleoon_status(&result));
+                result
+            },
+            |error, delay, attempt| {
+                if error.retry_after().is_some() {
+                    shared.metrics.rate_limit_wait("kameleoon", "retry_after", delay.as_secs_f64());
+                }
+                tracing::info!(%error, operation, attempt, delay_ms = delay.as_millis() as u64, "Kameleoon request failed; retrying");
+                self.tracker.waiting(
+                    Failure::kameleoon(error).reason,
+                    format!(
+                        "{}; retry {attempt} in {}",
+                        crate::failure_chain(error),
+                        humantime::format_duration(super::reader::round(delay))
+                    ),
+                );
+            },
+        )
+        .await
+        .map_err(|e| Failure::kameleoon(&e))
+    }
+}
+
+enum ReadError {
+    SessionExpired(mixpanel::Error),
+    Failed(Failure),
+}
+
+impl From<Failure> for ReadError {
+    fn from(failure: Failure) -> Self {
+        ReadError::Failed(failure)
+    }
+}
+
+/// Sends `(identifier, member)` lines in as few Data API requests as the
+/// size limit allows. `expected` sizes the progress total when known.
+async fn send_lines(
+    job: &Job<'_>,
+    credentials: &ConnectionCredentials,
+    target: &Target,
+    expected: u64,
+    lines: impl Iterator<Item = io::Result<(String, bool)>>,
+) -> Result<(), Failure> {
+    let max_bytes = job.scope.shared.config.max_body_bytes;
+    let mut writer = BatchWriter::new(target.custom_data_index, target.match_by, max_bytes);
+    let mut sent = 0i64;
+    let estimate = |sent: i64| -> i64 {
+        // About 130 bytes per line for a short identifier.
+        sent.max(((expected as usize * 130).div_ceil(max_bytes)) as i64)
+    };
+    job.tracker.batches(0, estimate(0));
+    for line in lines {
+        let (id, member) = line.map_err(store_damaged)?;
+        if let Some(batch) = writer.push(&id, member) {
+            job.check_abort()?;
+            send_batch(job, credentials, target, batch).await?;
+            sent += 1;
+            job.tracker.batches(sent, estimate(sent + 1));
+        }
+    }
+    if let Some(batch) = writer.finish() {
+        job.check_abort()?;
+        send_batch(job, credentials, target, batch).await?;
+        sent += 1;
+        job.tracker.batches(sent, sent);
+    }
+    Ok(())
+}
+
+/// Sends one body; a 413 below the operator's own limit splits it in halves.
+async fn send_batch(
+    job: &Job<'_>,
+    credentials: &ConnectionCredentials,
+    target: &Target,
+    batch: Batch,
+) -> Result<(), Failure> {
+    let shared = &job.scope.shared;
+    let mut pending = vec![batch];
+    while let Some(batch) = pending.pop() {
+        let result = job
+            .kameleoon_call("events", || {
+                shared
+                    .kameleoon
+                    .send_events(&credentials.kameleoon, &target.site_code, &batch.body)
+            })
+            .await;
+        match result {
+            Ok(()) => {}
+            Err(failure)
+                if failure.reason == reasons::KAMELEOON_REQUEST_REJECTED && batch.lines > 1 =>
+            {
+                let Some((first, second)) = events::split(&batch) else {
+                    return Err(failure);
+                };
+                if !failure.message.contains("HTTP 413") {
+                    return Err(failure);
+                }
+                tracing::warn!(
+                    bytes = batch.body.len(),
+                    "Kameleoon refused a body as too large; sending it in two halves"
+                );
+                pending.push(second);
+                pending.push(first);
+            }
+            Err(failure) => return Err(failure),
+        }
+    }
+    Ok(())
+}
+
+fn store_damaged(error: io::Error) -> Failure {
+    Failure::stalled(
+        reasons::KUBERNETES_API_ERROR,
+        format!(
+            "the Secrets recording the exported members are damaged ({error}); delete them to export \
+             the cohort in full, or set deletionPolicy and recreate the CohortSync"
+        ),
+    )
+}
+
+fn diff<'a>(
+    members: &'a MemberSet,
+    previous: Option<&'a Snapshot>,
+) -> members::Diff<'a, Box<dyn Iterator<Item = io::Result<String>> + Send + 'a>> {
+    let previous: Box<dyn Iterator<Item = io::Result<String>> + Send + 'a> = match previous {
+        Some(snapshot) => Box::new(snapshot.ids()),
+        None => Box::new(std::iter::empty()),
+    };
+    members::diff(members, previous)
+}
+
+/// Counts joined, stayed and left identifiers.
+fn count_changes(
+    members: &MemberSet,
+    previous: Option<&Snapshot>,
+) -> Result<(u64, u64, u64), Failure> {
+    let mut counts = (0, 0, 0);
+    for change in diff(members, previous) {
+        match change.map_err(store_damaged)? {
+            Change::Joined(_) => counts.0 += 1,
+            Change::Stayed(_) => counts.1 += 1,
+            Change::Left(_) => counts.2 += 1,
+        }
+    }
+    Ok(counts)
+}
+
+fn kameleoon_status<T>(result: &Result<T, kameleoon::Error>) -> Option<u16> {
+    use kameleoon::Error as E;
+    match result {
+        Ok(_) => Some(200),
+        Err(
+            E::InvalidClient { status, .. } | E::Rejected { status, .. } | E::Server { status, .. },
+        ) => Some(*status),
+        Err(E::Unauthorized { .. }) => Some(401),
+        Err(E::Forbidden { .. }) => Some(403),
+        Err(E::PayloadTooLarge { .. }) => Some(413),
+        Err(E::RateLimited { .. }) => Some(429),
+        Err(E::Transport(_) | E::Decode(_)) => None,
+    }
+}
+
+/// Sets the custom data to false for every identifier of a snapshot; the
+/// caller deletes the stored members afterwards.
+pub async fn clear_snapshot(
+    scope: &Scope,
+    sync: &CohortSync,
+    connection: &KameleoonConnection,
+    snapshot: &Snapshot,
+    tracker: &Tracker,
+) -> Result<(), Failure> {
+    let namespace = sync.namespace().unwrap_or_default();
+    let credentials = credentials::read(&scope.shared.client, &namespace, &connection.spec)
+        .await
+        .map_err(|e| Failure::credentials(&e))?;
+    let job = Job {
+        scope,
+        sync,
+        connection,
+        kind: ExportKind::Full,
+        tracker,
+        abortable: false,
+    };
+    job.clear(&credentials, snapshot).await
+}

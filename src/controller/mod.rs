@@ -1,0 +1,380 @@
+//! The two controllers, the state they share, and how they start.
+//!
+//! Each watched scope (the whole cluster, or one namespace per `--namespace`)
+//! runs a KameleoonConnection controller and a CohortSync controller over
+//! its own watches. Clients, query budgets, caches and metrics are shared by
+//! every scope.
+
+mod cohort_sync;
+mod connection;
+mod export;
+mod failure;
+mod progress;
+mod reader;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector};
+use kube::{Resource, ResourceExt};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::budget::{Budgets, Limits, ProjectBudget, ProjectKey};
+use crate::crd::{CohortSync, CohortSyncStatus, KameleoonConnection};
+use crate::kameleoon::KameleoonClient;
+use crate::metrics::Metrics;
+use crate::mixpanel::{self, MixpanelClient};
+use crate::retry::RetryPolicy;
+
+/// Field manager of every server-side apply the operator sends.
+pub const FIELD_MANAGER: &str = "kameleoon-cohort-operator";
+
+/// Settings of the controllers, from the command line.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Namespaces to watch; empty means every namespace.
+    pub namespaces: Vec<String>,
+    /// Replaces every Dynamic interval; for tests only.
+    pub interval_override: Option<Duration>,
+    /// How often a Connected connection is checked again.
+    pub revalidate_interval: Duration,
+    /// Delay before the first retry of a failed export.
+    pub failure_backoff_base: Duration,
+    /// Longest delay between retries of a failed export.
+    pub failure_backoff_max: Duration,
+    /// Retries of one call to Mixpanel or Kameleoon.
+    pub call_retry: RetryPolicy,
+    /// Largest Data API request body.
+    pub max_body_bytes: usize,
+    /// Whether follow-up Engage pages count toward the hourly query allowance.
+    pub count_follow_up_pages: bool,
+    /// Exports that run at once per Mixpanel project.
+    pub exports_per_project: usize,
+    /// How often progress is written to status during an export.
+    pub progress_interval: Duration,
+    /// How long a cohort list is reused before it is read again.
+    pub cohort_cache_ttl: Duration,
+}
+
+/// A project's cohort list and when it was read.
+struct CachedCohorts {
+    read_at: tokio::time::Instant,
+    list: Arc<Vec<mixpanel::Cohort>>,
+}
+
+/// Clients of the two services.
+pub struct Clients {
+    /// Mixpanel client.
+    pub mixpanel: MixpanelClient,
+    /// Kameleoon client.
+    pub kameleoon: KameleoonClient,
+}
+
+/// State shared by every controller of the process.
+pub struct Shared {
+    /// Kubernetes client.
+    pub client: kube::Client,
+    /// Settings.
+    pub config: Config,
+    /// Mixpanel client.
+    pub mixpanel: MixpanelClient,
+    /// Kameleoon client (with its token cache).
+    pub kameleoon: KameleoonClient,
+    /// Query budgets per Mixpanel project.
+    pub budgets: Budgets,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Publishes Kubernetes Events.
+    pub recorder: Recorder,
+    /// Cancelled when the process shuts down; exports stop between batches.
+    pub shutdown: CancellationToken,
+    /// Readiness state, which failing watches mark.
+    pub health: Arc<crate::server::Health>,
+    cohorts: Mutex<HashMap<ProjectKey, CachedCohorts>>,
+    export_slots: Mutex<HashMap<ProjectKey, Arc<Semaphore>>>,
+    validations: Mutex<HashMap<String, connection::Validation>>,
+    intended: Mutex<HashMap<String, CohortSyncStatus>>,
+}
+
+impl Shared {
+    /// Builds the shared state.
+    pub fn new(
+        client: kube::Client,
+        config: Config,
+        clients: Clients,
+        metrics: Arc<Metrics>,
+        reporter: Reporter,
+        shutdown: CancellationToken,
+        health: Arc<crate::server::Health>,
+    ) -> Self {
+        Self {
+            health,
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            config,
+            mixpanel: clients.mixpanel,
+            kameleoon: clients.kameleoon,
+            budgets: Budgets::default(),
+            metrics,
+            shutdown,
+            cohorts: Mutex::default(),
+            export_slots: Mutex::default(),
+            validations: Mutex::default(),
+            intended: Mutex::default(),
+        }
+    }
+
+    fn export_slots(&self, key: ProjectKey) -> Arc<Semaphore> {
+        let mut slots = self.export_slots.lock().expect("export slot lock");
+        slots
+            .entry(key)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.config.exports_per_project.max(1))))
+            .clone()
+    }
+
+    /// Publishes an Event; a failure is logged and otherwise ignored, because
+    /// Events are informational.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(crate::http::truncate(&note, 1000)),
+            action: action.to_string(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(%error, reason, "Failed to publish Event");
+        }
+    }
+}
+
+/// State of one watched scope.
+pub struct Scope {
+    /// Shared state.
+    pub shared: Arc<Shared>,
+    /// Cache of the scope's connections.
+    pub connections: Store<KameleoonConnection>,
+    /// Cache of the scope's syncs.
+    pub syncs: Store<CohortSync>,
+}
+
+impl Scope {
+    /// Query budget of a connection's Mixpanel project, with the strictest
+    /// limits any connection of the scope sets for that project.
+    pub fn budget(&self, connection: &KameleoonConnection) -> (ProjectKey, Arc<ProjectBudget>) {
+        let key = project_key(connection);
+        let mut limits = limits_of(connection);
+        for other in self.connections.state() {
+            if project_key(&other) == key {
+                let theirs = limits_of(&other);
+                limits.per_hour = limits.per_hour.min(theirs.per_hour);
+                limits.concurrent = limits.concurrent.min(theirs.concurrent);
+            }
+        }
+        (key, self.shared.budgets.project(key, limits))
+    }
+}
+
+fn project_key(connection: &KameleoonConnection) -> ProjectKey {
+    ProjectKey {
+        region: connection.spec.mixpanel.region,
+        project_id: connection.spec.mixpanel.project_id,
+    }
+}
+
+fn limits_of(connection: &KameleoonConnection) -> Limits {
+    Limits {
+        per_hour: connection.spec.mixpanel.queries_per_hour(),
+        concurrent: connection.spec.mixpanel.max_concurrent_queries(),
+    }
+}
+
+/// A reconciliation failure that the controller runtime retries.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API request failed.
+    #[error("Kubernetes API request failed while {action}")]
+    Kube {
+        /// What was attempted.
+        action: &'static str,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+fn error_policy<K>(_object: Arc<K>, error: &Error, _scope: Arc<Scope>) -> Action {
+    tracing::warn!(error = %crate::failure_chain(error), "Reconciliation failed; retrying in 30s");
+    Action::requeue(Duration::from_secs(30))
+}
+
+/// Changes of a CohortSync that need a reconciliation: the spec (through the
+/// generation), deletion, finalizers and the export request annotations.
+/// Status and label changes are left out, so the controller's own status
+/// writes never trigger it.
+fn sync_trigger(sync: &CohortSync) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    sync.meta().generation.hash(&mut hasher);
+    sync.meta().deletion_timestamp.is_some().hash(&mut hasher);
+    sync.finalizers().hash(&mut hasher);
+    for key in [
+        crate::schedule::SYNC_REQUEST_ANNOTATION,
+        crate::schedule::FLUX_REQUEST_ANNOTATION,
+        cohort_sync::SKIP_CLEANUP_ANNOTATION,
+    ] {
+        sync.annotations().get(key).hash(&mut hasher);
+    }
+    Some(hasher.finish())
+}
+
+/// Runs both controllers for every configured scope until shutdown.
+pub async fn run(shared: Arc<Shared>) {
+    let scopes: Vec<Option<String>> = if shared.config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        shared.config.namespaces.iter().cloned().map(Some).collect()
+    };
+    futures::future::join_all(scopes.into_iter().map(|ns| run_scope(shared.clone(), ns))).await;
+}
+
+fn api<K>(client: &kube::Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Logs watch failures as errors naming the resource, and marks the process
+/// unready until the watch recovers: a controller that cannot watch must
+/// not look healthy.
+fn observe<T>(
+    stream: impl futures::Stream<Item = Result<T, watcher::Error>>,
+    resource: &'static str,
+    health: Arc<crate::server::Health>,
+) -> impl futures::Stream<Item = Result<T, watcher::Error>> {
+    stream.inspect(move |item| match item {
+        Ok(_) => health.watch_recovered(resource),
+        Err(error) => {
+            let text = crate::failure_chain(error);
+            tracing::error!(resource, error = %text, "Watch failed; check that the operator may list and watch {resource}");
+            health.watch_failed(resource, text);
+        }
+    })
+}
+
+async fn run_scope(shared: Arc<Shared>, namespace: Option<String>) {
+    let client = shared.client.clone();
+    let health = shared.health.clone();
+    let connections_api: Api<KameleoonConnection> = api(&client, &namespace);
+    let syncs_api: Api<CohortSync> = api(&client, &namespace);
+    let secrets_api: Api<PartialObjectMeta<Secret>> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+
+    let (connections, connection_writer) = reflector::store();
+    let connection_stream = observe(
+        watcher(connections_api.clone(), watcher::Config::default()),
+        "kameleoonconnections",
+        health.clone(),
+    )
+    .default_backoff()
+    .reflect(connection_writer)
+    .touched_objects();
+    let connection_controller = Controller::for_stream(connection_stream, connections.clone());
+
+    let (syncs, sync_writer) = reflector::store();
+    let sync_stream = observe(
+        watcher(syncs_api, watcher::Config::default()),
+        "cohortsyncs",
+        health.clone(),
+    )
+    .default_backoff()
+    .reflect(sync_writer)
+    .touched_objects()
+    .predicate_filter(sync_trigger, Default::default());
+    let sync_controller = Controller::for_stream(sync_stream, syncs.clone());
+
+    let scope = Arc::new(Scope {
+        shared: shared.clone(),
+        connections: connections.clone(),
+        syncs: syncs.clone(),
+    });
+
+    // The operator's own member Secrets change with every export; they never
+    // hold credentials, so they are filtered out at the source.
+    let secret_watch =
+        watcher::Config::default().labels(&format!("!{}", crate::store::SYNC_UID_LABEL));
+    let secret_stream = observe(
+        watcher(secrets_api, secret_watch),
+        "secrets",
+        health.clone(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let secret_store = connections.clone();
+    let connection_controller = connection_controller
+        .watches_stream(secret_stream, move |secret| {
+            connection::referencing_secret(&secret_store, &secret)
+        })
+        .graceful_shutdown_on(shared.shutdown.clone().cancelled_owned())
+        .run(connection::reconcile, error_policy, scope.clone())
+        .for_each(|_| async {});
+
+    // Syncs follow their connection's readiness; the mapper sees every
+    // connection change, including status.
+    let sync_store = syncs.clone();
+    let connection_changes = observe(
+        watcher(connections_api, watcher::Config::default()),
+        "kameleoonconnections",
+        health.clone(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let sync_controller = sync_controller
+        .watches_stream(connection_changes, move |connection| {
+            cohort_sync::using_connection(&sync_store, &connection)
+        })
+        .graceful_shutdown_on(shared.shutdown.clone().cancelled_owned())
+        .run(cohort_sync::reconcile, error_policy, scope)
+        .for_each(|_| async {});
+
+    tracing::info!(
+        namespace = namespace.as_deref().unwrap_or("(all)"),
+        "Controllers started"
+    );
+    futures::join!(connection_controller, sync_controller);
+    tracing::info!(
+        namespace = namespace.as_deref().unwrap_or("(all)"),
+        "Controllers stopped"
+    );
+}
+
+/// Looks up an object of a scope's cache.
+fn lookup<K>(store: &Store<K>, namespace: &str, name: &str) -> Option<Arc<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    store.get(&ObjectRef::new(name).within(namespace))
+}
