@@ -26,7 +26,11 @@ pub enum Command {
     /// kube-rs finds (KUBECONFIG, ~/.kube/config, service account).
     Run(Box<RunArgs>),
     /// Print the CustomResourceDefinitions as YAML.
-    Crds,
+    Crds {
+        /// Write one file per CRD into this directory instead of printing them.
+        #[arg(long)]
+        output_dir: Option<std::path::PathBuf>,
+    },
 }
 
 fn duration(text: &str) -> Result<Duration, String> {

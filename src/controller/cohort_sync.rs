@@ -329,6 +329,10 @@ impl Run<'_> {
             .filter(|_| spec.sync_type == SyncType::Dynamic && !stale)
             .map(|t| t.0 + interval.saturating_mul(2) + Duration::from_secs(1));
         let wake = [until, stale_at].into_iter().flatten().min();
+        tracing::debug!(
+            next_export = until.map(|t| format_time(&t)).unwrap_or_else(|| "none".into()),
+            "Sync reconciled"
+        );
         Ok(match wake {
             Some(at) => Action::requeue(until_from(now, at)),
             None => Action::await_change(),

@@ -71,6 +71,18 @@ fn unwrap_descriptions(crd: CustomResourceDefinition) -> CustomResourceDefinitio
     serde_json::from_value(value).expect("a CRD with changed descriptions deserializes")
 }
 
+/// Renders each CustomResourceDefinition as the file `crds/` holds for it:
+/// `<group>_<plural>.yaml`.
+pub fn definition_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
+    definitions()
+        .into_iter()
+        .map(|crd| {
+            let name = format!("{}_{}.yaml", crd.spec.group, crd.spec.names.plural);
+            serde_yaml::to_string(&crd).map(|yaml| (name, yaml))
+        })
+        .collect()
+}
+
 /// Renders the CustomResourceDefinitions as one multi-document YAML stream.
 pub fn definitions_yaml() -> Result<String, serde_yaml::Error> {
     let mut out = String::new();

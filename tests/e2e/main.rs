@@ -1,0 +1,11 @@
+//! End-to-end tests: the operator binary as a separate process, a real
+//! etcd, kube-apiserver and kube-controller-manager, and the stand-in
+//! Mixpanel and Kameleoon servers. Each test gets its own namespace, its own
+//! stand-ins and its own operator process watching only that namespace.
+
+mod support;
+
+mod admission;
+mod connection;
+mod one_time;
+mod dynamic;
