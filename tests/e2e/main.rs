@@ -6,6 +6,10 @@
 mod support;
 
 mod admission;
+mod chart;
 mod connection;
-mod one_time;
 mod dynamic;
+mod failures;
+mod field_cases;
+mod one_time;
+mod operations;
