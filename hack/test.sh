@@ -73,6 +73,14 @@ start_control_plane() {
   export KCO_TEST_KUBECONFIG=$cluster_dir/kubeconfig
 }
 
+# Compiled crates are cached outside the checkout, one directory per Rust
+# toolchain, so a fresh clone reuses them; CARGO_TARGET_DIR overrides it.
+if [ -z "${CARGO_TARGET_DIR:-}" ]; then
+  toolchain=$(rustc -V | tr -c 'A-Za-z0-9.\n' '-')
+  export CARGO_TARGET_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/kameleoon-cohort-operator/target-$toolchain
+fi
+log "compiled crates go to $CARGO_TARGET_DIR"
+
 rm -rf .tmp/operator-logs
 step "build tools" build_tools
 step "cargo fmt" cargo fmt --all --check

@@ -121,13 +121,6 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
         status.last_handled_reconcile_at.as_deref(),
     );
     let kind = export_kind(inputs);
-    if requested {
-        return Decision::Export {
-            kind,
-            cause: Cause::Requested,
-        };
-    }
-
     let last = status.last_attempt.as_ref();
     let failures = status.consecutive_failures.unwrap_or(0);
     let retry_at = last
@@ -144,6 +137,20 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
                 ),
             )
         });
+
+    // A request exports now, unless a failed attempt waits for its retry.
+    if requested {
+        return match retry_at {
+            Some(retry) if retry > inputs.now => Decision::Wait {
+                until: Some(retry),
+                retrying: true,
+            },
+            _ => Decision::Export {
+                kind,
+                cause: Cause::Requested,
+            },
+        };
+    }
 
     let (due_at, cause) = match due(inputs) {
         Some(due) => due,

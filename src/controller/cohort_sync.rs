@@ -61,6 +61,11 @@ struct Run<'a> {
 
 /// Reconciles one sync.
 pub async fn reconcile(sync: Arc<CohortSync>, scope: Arc<Scope>) -> Result<Action, Error> {
+    // Until the connection cache holds its first list, a missing connection
+    // could be reported for one that exists.
+    if scope.connections.wait_until_ready().await.is_err() {
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
     scope
         .shared
         .metrics
@@ -308,8 +313,8 @@ impl Run<'_> {
         let now = Timestamp::now();
         let (decision, stale) = inputs(&status, now);
         let (until, retrying) = match decision {
-            // An aborted export starts again at once.
-            Decision::Export { .. } => return Ok(Action::requeue(Duration::from_secs(1))),
+            // An aborted export starts again at once, on the next pass.
+            Decision::Export { .. } => (Some(now), false),
             Decision::Wait { until, retrying } => (until, retrying),
         };
         status.next_sync_time = until.map(Time);
@@ -330,7 +335,9 @@ impl Run<'_> {
             .map(|t| t.0 + interval.saturating_mul(2) + Duration::from_secs(1));
         let wake = [until, stale_at].into_iter().flatten().min();
         tracing::debug!(
-            next_export = until.map(|t| format_time(&t)).unwrap_or_else(|| "none".into()),
+            next_export = until
+                .map(|t| format_time(&t))
+                .unwrap_or_else(|| "none".into()),
             "Sync reconciled"
         );
         Ok(match wake {
@@ -409,12 +416,6 @@ impl Run<'_> {
             kind: Some(kind),
             ..SyncAttempt::default()
         });
-        status.last_handled_sync_request = sync_request
-            .map(str::to_string)
-            .or(status.last_handled_sync_request);
-        status.last_handled_reconcile_at = flux_request
-            .map(str::to_string)
-            .or(status.last_handled_reconcile_at);
         status.progress = Some(Default::default());
         let ready = if new_generation || status.last_successful_sync_time.is_none() {
             Status::Unknown
@@ -478,6 +479,14 @@ impl Run<'_> {
         attempt.completion_time = Some(Time(finished));
         match outcome {
             Ok(report) => {
+                // A request counts as handled once an export for it finished;
+                // one cut short by a crash or shutdown runs again.
+                if let Some(request) = sync_request {
+                    status.last_handled_sync_request = Some(request.to_string());
+                }
+                if let Some(request) = flux_request {
+                    status.last_handled_reconcile_at = Some(request.to_string());
+                }
                 self.record_success(&mut status, &report, finished, seconds)
                     .await;
             }

@@ -182,7 +182,9 @@ impl Job<'_> {
         let changes = diff(&read.members, previous.as_ref());
         self.send(&credentials, &target, kind, changes).await?;
 
-        if joined > 0 || left > 0 || previous.is_none() {
+        // The stored set now holds the previous members and everyone who
+        // joined; only leavers make it differ from the current members.
+        if left > 0 {
             store
                 .save(&target, read.members.iter().map(Ok))
                 .await

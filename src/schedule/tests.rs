@@ -295,3 +295,20 @@ fn staleness_needs_twice_the_interval() {
     assert!(is_stale(&inputs(&status, SyncType::Dynamic, 4.1)));
     assert!(!is_stale(&inputs(&status, SyncType::OneTime, 100.0)));
 }
+
+#[test]
+fn failed_request_waits_for_backoff() {
+    let status = failed_at(succeeded_at(-1.0, 1), 0.0, 2);
+    let mut i = inputs(&status, SyncType::OneTime, 0.0);
+    i.sync_request = Some("again");
+    assert!(matches!(decide(&i), Decision::Wait { retrying: true, .. }));
+    let mut i = inputs(&status, SyncType::OneTime, 0.1);
+    i.sync_request = Some("again");
+    assert!(matches!(
+        decide(&i),
+        Decision::Export {
+            cause: Cause::Requested,
+            ..
+        }
+    ));
+}
