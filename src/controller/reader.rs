@@ -87,6 +87,9 @@ impl<'a> ProjectReader<'a> {
         page: u64,
         session_id: Option<&str>,
     ) -> Result<EngagePage, mixpanel::Error> {
+        // NOTE: whether Mixpanel counts follow-up pages of one query toward
+        // the hourly allowance is not documented; by default only the first
+        // page spends the budget, and --count-follow-up-pages changes that.
         let new_query = page == 0 || self.shared.config.count_follow_up_pages;
         self.call("engage", new_query, || {
             self.shared
