@@ -246,11 +246,30 @@ start_etcd() {
     --log-level=warn
 }
 
+# With KCO_APISERVER_AUDIT_LOG set to a path, the API server writes one JSON
+# audit event per request to it (metadata only), so benchmarks can count the
+# requests each client sends.
+audit_flags() {
+  local dir=$1
+  [ -n "${KCO_APISERVER_AUDIT_LOG:-}" ] || return 0
+  cat >"$dir/audit-policy.yaml" <<'POLICY'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+POLICY
+  printf '%s\n' --audit-policy-file="$dir/audit-policy.yaml" \
+    --audit-log-path="$KCO_APISERVER_AUDIT_LOG" --audit-log-format=json
+}
+
 start_apiserver() {
   local dir=$1 bin=$2 port=$3 etcd_port=$4 pki=$1/pki
+  local audit
+  mapfile -t audit < <(audit_flags "$dir")
   # The endpoint reconciler is off because Endpoints may not hold a loopback
   # address, and nothing inside this control plane needs the kubernetes Service.
-  start_process "$dir" kube-apiserver "$bin/kube-apiserver" \
+  start_process "$dir" kube-apiserver "$bin/kube-apiserver" "${audit[@]}" \
     --bind-address=127.0.0.1 \
     --advertise-address=127.0.0.1 \
     --secure-port="$port" \

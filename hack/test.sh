@@ -88,3 +88,8 @@ step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 step "build tests" cargo test --workspace --no-run
 step "start control plane" start_control_plane
 step "cargo test" cargo test --workspace "$@"
+# A small run of every part of the benchmark keeps it working; the full run
+# is hack/bench.sh (docs/benchmarks.md).
+if [ "$#" -eq 0 ]; then
+  step "benchmark smoke run" bash hack/bench.sh --smoke
+fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the Go programs the tests and the demo need (etcd, kube-apiserver,
-# kube-controller-manager, kubectl, helm and a kstatus reader) from the Go
-# module proxy, once per version, into a cache outside the repository.
+# kube-controller-manager, kubectl, helm, a kstatus reader and an Argo CD
+# health check runner) from the Go module proxy, once per version, into a
+# cache outside the repository.
 #
 # Usage: hack/tools.sh [bin-dir]
 # Prints the directory that holds the programs. TOOLS_CACHE_DIR overrides the
@@ -108,6 +109,24 @@ build_kstatus() {
   ln -sfn "$dest/kstatus" "$cache/bin/kstatus"
 }
 
+# The Argo CD health check runner is a program of this repository
+# (hack/argocd-health). It is built against github.com/yuin/gopher-lua, the
+# Lua interpreter Argo CD uses, and its cache key includes the source hash.
+build_argocd_health() {
+  local src=$repo/hack/argocd-health
+  [ -d "$src" ] || return 0
+  local sum
+  sum=$(cat "$src"/*.go "$src"/go.mod "$src"/go.sum | sha256sum | cut -c1-12)
+  local dest=$cache/argocd-health-$sum
+  [ -x "$dest/argocd-health" ] && { ln -sfn "$dest/argocd-health" "$cache/bin/argocd-health"; return; }
+  log "building the Argo CD health check runner against github.com/yuin/gopher-lua"
+  local work=$cache/.build-argocd-health
+  rm -rf "$work" && mkdir -p "$work" && cp "$src"/*.go "$src"/go.mod "$src"/go.sum "$work/" && cd "$work"
+  go build -trimpath -ldflags "-s -w" -o out/argocd-health .
+  mkdir -p "$dest" && mv out/argocd-health "$dest/" && cd "$cache" && rm -rf "$work"
+  ln -sfn "$dest/argocd-health" "$cache/bin/argocd-health"
+}
+
 mkdir -p "$cache/bin"
 build_etcd
 build_kubernetes
@@ -118,4 +137,5 @@ done
 ln -sfn "$cache/etcd-$ETCD_VERSION/etcd" "$cache/bin/etcd"
 ln -sfn "$cache/helm-$HELM_VERSION/helm" "$cache/bin/helm"
 build_kstatus
+build_argocd_health
 echo "$cache/bin"

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use crate::crd::Region;
 
 /// Length of the window of the hourly allowance.
-const HOUR: Duration = Duration::from_secs(3600);
+pub const HOUR: Duration = Duration::from_secs(3600);
 
 /// Identifies a Mixpanel project across connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -40,19 +40,34 @@ pub struct Limits {
 }
 
 /// Budgets of every project the operator reads.
-#[derive(Default)]
 pub struct Budgets {
     projects: Mutex<HashMap<ProjectKey, Arc<ProjectBudget>>>,
+    window: Duration,
+}
+
+impl Default for Budgets {
+    fn default() -> Self {
+        Self::with_window(HOUR)
+    }
 }
 
 impl Budgets {
+    /// Budgets whose allowance window is `window` instead of an hour; only
+    /// benchmarks shorten it, to reach the limit in minutes.
+    pub fn with_window(window: Duration) -> Self {
+        Self {
+            projects: Mutex::default(),
+            window,
+        }
+    }
+
     /// Returns the budget of a project, creating it with the given limits, or
     /// updating the limits of an existing one.
     pub fn project(&self, key: ProjectKey, limits: Limits) -> Arc<ProjectBudget> {
         let mut projects = self.projects.lock().expect("budget map lock");
         let budget = projects
             .entry(key)
-            .or_insert_with(|| Arc::new(ProjectBudget::new(limits)))
+            .or_insert_with(|| Arc::new(ProjectBudget::new(limits, self.window)))
             .clone();
         budget.set_limits(limits);
         budget
@@ -67,6 +82,7 @@ pub struct ProjectBudget {
 
 struct State {
     limits: Limits,
+    window: Duration,
     in_flight: u32,
     started: VecDeque<Instant>,
     paused_until: Option<Instant>,
@@ -98,10 +114,11 @@ pub enum Wait {
 }
 
 impl ProjectBudget {
-    fn new(limits: Limits) -> Self {
+    fn new(limits: Limits, window: Duration) -> Self {
         Self {
             state: Mutex::new(State {
                 limits,
+                window,
                 in_flight: 0,
                 started: VecDeque::new(),
                 paused_until: None,
@@ -189,9 +206,12 @@ impl ProjectBudget {
         let first_free = state
             .started
             .front()
-            .map(|t| (*t + HOUR).saturating_duration_since(now))
+            .map(|t| (*t + state.window).saturating_duration_since(now))
             .unwrap_or_default();
-        first_free + HOUR.mul_f64((beyond.saturating_sub(1) / per_hour) as f64)
+        first_free
+            + state
+                .window
+                .mul_f64((beyond.saturating_sub(1) / per_hour) as f64)
     }
 
     /// Queries started in the last hour.
@@ -212,7 +232,7 @@ impl State {
         while self
             .started
             .front()
-            .is_some_and(|t| now.duration_since(*t) >= HOUR)
+            .is_some_and(|t| now.duration_since(*t) >= self.window)
         {
             self.started.pop_front();
         }
@@ -232,7 +252,9 @@ impl State {
         let per_hour = self.limits.per_hour as usize;
         if new_query && per_hour > 0 && self.started.len() >= per_hour {
             let oldest = *self.started.front().expect("a full window has entries");
-            return Some(Wait::Hourly((oldest + HOUR).saturating_duration_since(now)));
+            return Some(Wait::Hourly(
+                (oldest + self.window).saturating_duration_since(now),
+            ));
         }
         None
     }
@@ -327,6 +349,27 @@ mod tests {
         drop(b.acquire(true, |_| {}).await);
         assert_eq!(b.estimate(1), HOUR);
         assert_eq!(b.estimate(3), 2 * HOUR);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shorter_window_admits_sooner() {
+        let budgets = Budgets::with_window(Duration::from_secs(10));
+        let key = ProjectKey {
+            region: Region::US,
+            project_id: 3,
+        };
+        let b = budgets.project(
+            key,
+            Limits {
+                per_hour: 2,
+                concurrent: 5,
+            },
+        );
+        let start = Instant::now();
+        for _ in 0..5 {
+            drop(b.acquire(true, |_| {}).await);
+        }
+        assert_eq!(start.elapsed(), Duration::from_secs(20));
     }
 
     #[tokio::test(start_paused = true)]

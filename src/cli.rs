@@ -154,6 +154,12 @@ pub struct RunArgs {
     /// not wait 15 minutes. Never use it in production.
     #[arg(long, value_parser = duration, hide = true)]
     pub test_interval_override: Option<Duration>,
+
+    /// Benchmark only: length of the window of `queriesPerHour` instead of
+    /// an hour, so a run reaches the limit in minutes. Never use it in
+    /// production.
+    #[arg(long, value_parser = duration, hide = true, default_value = "1h")]
+    pub test_query_window: Duration,
 }
 
 impl RunArgs {
@@ -180,6 +186,7 @@ impl RunArgs {
             exports_per_project: self.exports_per_project.max(1),
             progress_interval: self.progress_interval.max(Duration::from_millis(100)),
             cohort_cache_ttl: self.cohort_cache_ttl,
+            query_window: self.test_query_window.max(Duration::from_secs(1)),
         }
     }
 }

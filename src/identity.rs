@@ -6,9 +6,10 @@
 //! - the identifier is `$kameleoon_mapping_id` when it is a string with at
 //!   least one non-whitespace character, otherwise the profile's
 //!   `$distinct_id` (a string, or a number written in decimal);
-//! - a profile whose only identifier is a device id (`$device:` prefix, as
+//! - a profile whose identifier is a device id (`$device:` prefix, as
 //!   Mixpanel's Simplified ID Merge assigns before a user logs in) is
-//!   anonymous, like a member without a profile;
+//!   anonymous, like a member without a profile, whichever property the
+//!   identifier came from;
 //! - an identifier Kameleoon's Data API would not accept is skipped as
 //!   invalid: empty, longer than the limit of the identifier kind, or
 //!   containing control characters.
@@ -102,18 +103,16 @@ pub fn resolve(distinct_id: &Value, properties: Option<&Value>, match_by: MatchB
         .and_then(|p| p.get(MAPPING_PROPERTY))
         .and_then(Value::as_str)
         .filter(|s| !s.trim().is_empty());
-    if let Some(mapping) = mapping {
-        return validate(mapping, match_by);
-    }
-    let distinct = match distinct_id {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        _ => return Identity::Invalid(InvalidIdentifier::NotAString),
+    let id = match (mapping, distinct_id) {
+        (Some(mapping), _) => mapping.to_string(),
+        (None, Value::String(s)) => s.clone(),
+        (None, Value::Number(n)) => n.to_string(),
+        (None, _) => return Identity::Invalid(InvalidIdentifier::NotAString),
     };
-    if distinct.starts_with(DEVICE_ID_PREFIX) {
+    if id.starts_with(DEVICE_ID_PREFIX) {
         return Identity::Anonymous;
     }
-    validate(&distinct, match_by)
+    validate(&id, match_by)
 }
 
 fn validate(id: &str, match_by: MatchBy) -> Identity {
@@ -316,6 +315,90 @@ mod tests {
                 json!({}),
                 VisitorCode,
                 Identity::Invalid(TooLong),
+            ),
+            (
+                "255-character visitor code over limit",
+                json!(long_ascii(255)),
+                json!({"$email": "x@ex.test"}),
+                VisitorCode,
+                Identity::Invalid(TooLong),
+            ),
+            (
+                "256-character visitor code over limit",
+                json!("b".repeat(256)),
+                json!({"$email": "y@ex.test"}),
+                VisitorCode,
+                Identity::Invalid(TooLong),
+            ),
+            (
+                "256-character mapping value over limit",
+                json!("b".repeat(256)),
+                json!({"$email": "y@ex.test"}),
+                MappingIdentifier,
+                Identity::Invalid(TooLong),
+            ),
+            (
+                "mapping id at mapping limit",
+                json!("u-7"),
+                json!({MAPPING_PROPERTY: long_ascii(255)}),
+                MappingIdentifier,
+                member(&long_ascii(255)),
+            ),
+            (
+                "empty mapping falls back under mapping identifier",
+                json!("u-map"),
+                json!({MAPPING_PROPERTY: ""}),
+                MappingIdentifier,
+                member("u-map"),
+            ),
+            (
+                "overlong mapping id does not fall back",
+                json!("u-8"),
+                json!({MAPPING_PROPERTY: "m".repeat(256)}),
+                MappingIdentifier,
+                Identity::Invalid(TooLong),
+            ),
+            (
+                "mapping id with line break does not fall back",
+                json!("u-9"),
+                json!({MAPPING_PROPERTY: "crm\n9"}),
+                VisitorCode,
+                Identity::Invalid(ControlCharacter),
+            ),
+            (
+                "device id with properties is anonymous",
+                json!("$device:7f3a-11"),
+                json!({"$browser": "Chrome"}),
+                VisitorCode,
+                Identity::Anonymous,
+            ),
+            (
+                "device id with empty mapping is anonymous",
+                json!("$device:7f3a-12"),
+                json!({MAPPING_PROPERTY: ""}),
+                MappingIdentifier,
+                Identity::Anonymous,
+            ),
+            (
+                "device id as mapping id is anonymous",
+                json!("user-43"),
+                json!({MAPPING_PROPERTY: "$device:9c2b-78"}),
+                VisitorCode,
+                Identity::Anonymous,
+            ),
+            (
+                "user id profile",
+                json!("user-42"),
+                json!({"$user_id": "user-42"}),
+                VisitorCode,
+                member("user-42"),
+            ),
+            (
+                "delete character",
+                json!("u\u{7f}1"),
+                json!({}),
+                VisitorCode,
+                Identity::Invalid(ControlCharacter),
             ),
             (
                 "spaces kept inside",

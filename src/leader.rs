@@ -42,7 +42,7 @@ pub struct LeaderElector {
 /// Why holding the lease ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ended {
-    /// Shutdown was requested; the lease was released.
+    /// Release was requested; the lease was released.
     Shutdown,
     /// The lease could not be renewed in time, or another replica took it.
     Lost,
@@ -84,12 +84,13 @@ impl LeaderElector {
         }
     }
 
-    /// Renews the lease until shutdown (then releases it) or until it is lost.
-    pub async fn hold(&self, shutdown: &CancellationToken) -> Ended {
+    /// Renews the lease until `release` is cancelled (then releases it) or
+    /// until it is lost.
+    pub async fn hold(&self, release: &CancellationToken) -> Ended {
         let mut last_renewal = Instant::now();
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => {
+                _ = release.cancelled() => {
                     self.release().await;
                     return Ended::Shutdown;
                 }

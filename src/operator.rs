@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::RunArgs;
 use crate::controller::{self, Clients, Shared};
 use crate::crd::KameleoonConnection;
-use crate::leader::{Ended, LeaderElector, Settings};
+use crate::leader::{LeaderElector, Settings};
 use crate::metrics::Metrics;
 use crate::server::{self, Health};
 use crate::{kameleoon, mixpanel};
@@ -51,7 +51,10 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     let listeners = server::bind(args.metrics_address, args.health_address)
         .await
         .map_err(Error::Listen)?;
-    tracing::info!(metrics = %args.metrics_address, health = %args.health_address, "Serving metrics and health endpoints");
+    // The bound addresses, not the configured ones: port 0 picks a free port.
+    let metrics_address = listeners.0.local_addr().map_err(Error::Listen)?;
+    let health_address = listeners.1.local_addr().map_err(Error::Listen)?;
+    tracing::info!(metrics = %metrics_address, health = %health_address, "Serving metrics and health endpoints");
     let server = tokio::spawn(server::serve(
         listeners,
         metrics.clone(),
@@ -141,26 +144,28 @@ async fn run_as_leader(
         return Ok(());
     }
     shared.metrics.leader.set(1);
+    // The Lease is renewed until the controllers have stopped, so no other
+    // replica starts exporting while this one finishes its current batch.
+    let release = CancellationToken::new();
     let controllers = controller::run(shared.clone());
-    tokio::pin!(controllers);
-    let lost = {
-        let hold = elector.hold(shutdown);
-        tokio::pin!(hold);
-        tokio::select! {
-            ended = &mut hold => ended == Ended::Lost,
-            _ = &mut controllers => false,
-        }
+    let hold = elector.hold(&release);
+    tokio::pin!(controllers, hold);
+    // Holding ends before the release only when the Lease is lost.
+    let lost = tokio::select! {
+        _ = &mut hold => true,
+        () = &mut controllers => false,
     };
-    shared.metrics.leader.set(0);
     if lost {
-        // Stop exporting at once; the exports stop at their next batch
+        // Stop exporting at once: the exports stop at their next batch
         // boundary and the new leader redoes them.
         shutdown.cancel();
         controllers.await;
+        shared.metrics.leader.set(0);
         return Err(Error::LostLease);
     }
-    shutdown.cancel();
-    controllers.await;
+    release.cancel();
+    hold.await;
+    shared.metrics.leader.set(0);
     Ok(())
 }
 

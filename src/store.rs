@@ -9,7 +9,9 @@
 //! The export writes the union of the previous and the new members before it
 //! sends anything, and the new members only after Kameleoon accepted every
 //! batch: the snapshot in force always covers everyone who may carry the
-//! custom data.
+//! custom data. A union is marked as such ([`SnapshotKind::Union`]), because
+//! some of its members may not carry their new value yet: the next export
+//! sends every member again instead of only the differences.
 
 use std::collections::BTreeMap;
 
@@ -37,6 +39,7 @@ const CHUNK_ANNOTATION: &str = "cohortsync.io/chunk";
 const CHUNKS_ANNOTATION: &str = "cohortsync.io/chunks";
 const MEMBERS_ANNOTATION: &str = "cohortsync.io/members";
 const TARGET_ANNOTATION: &str = "cohortsync.io/target";
+const KIND_ANNOTATION: &str = "cohortsync.io/snapshot-kind";
 const DATA_KEY: &str = "members.gz";
 const SECRET_TYPE: &str = "cohortsync.io/members";
 
@@ -56,10 +59,41 @@ pub struct Target {
     pub cohort_id: i64,
 }
 
+/// Meaning of a snapshot's identifiers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// The members of an export that Kameleoon accepted in full.
+    Exported,
+    /// The previous and the new members of an export that may not have
+    /// finished, written before its first batch.
+    Union,
+}
+
+impl SnapshotKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            SnapshotKind::Exported => "exported",
+            SnapshotKind::Union => "union",
+        }
+    }
+
+    /// Reads the annotation value. Snapshots written before the annotation
+    /// existed have none and count as exported; an unknown value counts as a
+    /// union, which only costs a full export.
+    fn parse(value: Option<&str>) -> Self {
+        match value {
+            None | Some("exported") => SnapshotKind::Exported,
+            Some(_) => SnapshotKind::Union,
+        }
+    }
+}
+
 /// A snapshot read back from the cluster.
 pub struct Snapshot {
     /// Sequence number.
     pub sequence: u64,
+    /// Whether the export that wrote it finished.
+    pub kind: SnapshotKind,
     /// Where its members carry the custom data.
     pub target: Target,
     /// Number of identifiers.
@@ -139,6 +173,7 @@ impl MemberStore {
     pub async fn save<S: AsRef<str>>(
         &self,
         target: &Target,
+        kind: SnapshotKind,
         ids: impl IntoIterator<Item = std::io::Result<S>>,
     ) -> Result<u64, Error> {
         let existing = self.list().await?;
@@ -151,8 +186,11 @@ impl MemberStore {
         };
         let target_json = serde_json::to_string(target).expect("a target serializes");
         for (index, chunk) in chunks.iter().enumerate() {
-            let secret =
+            let mut secret =
                 self.chunk_secret(sequence, index, chunks.len(), members, &target_json, chunk);
+            secret
+                .annotations_mut()
+                .insert(KIND_ANNOTATION.to_string(), kind.as_str().to_string());
             self.api
                 .create(&PostParams::default(), &secret)
                 .await
@@ -195,8 +233,17 @@ impl MemberStore {
         target_json: &str,
         chunk: &[u8],
     ) -> Secret {
-        // Names stay within the 253 characters of a Secret name.
-        let prefix: String = self.name.chars().take(200).collect();
+        // Names stay within the 253 characters of a Secret name, and carry
+        // the start of the sync's uid: a sync recreated under the same name
+        // must not collide with Secrets of its predecessor that the garbage
+        // collector has not removed yet.
+        let prefix: String = self.name.chars().take(190).collect();
+        let uid: String = self
+            .uid
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(8)
+            .collect();
         let labels = BTreeMap::from([
             (SYNC_UID_LABEL.to_string(), self.uid.clone()),
             (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
@@ -210,7 +257,7 @@ impl MemberStore {
         ]);
         Secret {
             metadata: ObjectMeta {
-                name: Some(format!("{prefix}-members-{sequence}-{index}")),
+                name: Some(format!("{prefix}-members-{uid}-{sequence}-{index}")),
                 labels: Some(labels),
                 annotations: Some(annotations),
                 owner_references: Some(vec![self.owner.clone()]),
@@ -260,6 +307,7 @@ fn assemble(sequence: u64, mut chunks: Vec<Secret>) -> Option<Snapshot> {
     let count: usize = annotation(first, CHUNKS_ANNOTATION)?.parse().ok()?;
     let members: u64 = annotation(first, MEMBERS_ANNOTATION)?.parse().ok()?;
     let target: Target = serde_json::from_str(annotation(first, TARGET_ANNOTATION)?).ok()?;
+    let kind = SnapshotKind::parse(annotation(first, KIND_ANNOTATION));
     chunks.sort_by_key(|s| annotation(s, CHUNK_ANNOTATION).and_then(|c| c.parse::<usize>().ok()));
     let indexes: Vec<Option<usize>> = chunks
         .iter()
@@ -275,6 +323,7 @@ fn assemble(sequence: u64, mut chunks: Vec<Secret>) -> Option<Snapshot> {
     }
     Some(Snapshot {
         sequence,
+        kind,
         target,
         members,
         compressed,
@@ -377,5 +426,32 @@ mod tests {
     #[tokio::test]
     async fn no_snapshot_without_secrets() {
         assert!(newest_complete(Vec::new()).is_none());
+    }
+
+    #[tokio::test]
+    async fn snapshot_kind_reads_back() {
+        let (bytes, _) = crate::members::encode(["a", "b"].map(Ok::<_, std::io::Error>)).unwrap();
+        let with_kind = |value: Option<&str>| {
+            let mut secrets = chunks(1, &bytes, 2, |_| true);
+            if let Some(value) = value {
+                for secret in &mut secrets {
+                    secret
+                        .annotations_mut()
+                        .insert(KIND_ANNOTATION.into(), value.into());
+                }
+            }
+            newest_complete(secrets).unwrap().kind
+        };
+        assert_eq!(with_kind(None), SnapshotKind::Exported);
+        assert_eq!(
+            with_kind(Some(SnapshotKind::Exported.as_str())),
+            SnapshotKind::Exported
+        );
+        assert_eq!(
+            with_kind(Some(SnapshotKind::Union.as_str())),
+            SnapshotKind::Union
+        );
+        // An unknown value errs on the safe side: everyone is sent again.
+        assert_eq!(with_kind(Some("partial")), SnapshotKind::Union);
     }
 }

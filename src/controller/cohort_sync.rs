@@ -63,7 +63,13 @@ struct Run<'a> {
 pub async fn reconcile(sync: Arc<CohortSync>, scope: Arc<Scope>) -> Result<Action, Error> {
     // Until the connection cache holds its first list, a missing connection
     // could be reported for one that exists.
-    if scope.connections.wait_until_ready().await.is_err() {
+    if scope
+        .connections_ready
+        .clone()
+        .wait_for(|listed| *listed)
+        .await
+        .is_err()
+    {
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
     scope
@@ -148,15 +154,26 @@ impl Run<'_> {
             .await;
     }
 
+    /// Replaces the finalizers. The `test` operation of the JSON patch fails
+    /// the write when someone else changed the list since the object was
+    /// read. A status or label change in between does not fail it, as a
+    /// resourceVersion precondition would.
     async fn set_finalizers(&self, finalizers: Vec<String>) -> Result<(), Error> {
-        let patch = serde_json::json!({
-            "metadata": {
-                "finalizers": finalizers,
-                "resourceVersion": self.sync.resource_version(),
-            }
-        });
+        let operations = match &self.sync.meta().finalizers {
+            None => serde_json::json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": finalizers},
+            ]),
+            Some(current) => serde_json::json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": current},
+                {"op": "replace", "path": "/metadata/finalizers", "value": finalizers},
+            ]),
+        };
+        let patch = Patch::<()>::Json(
+            serde_json::from_value(operations).expect("a JSON patch built from literals parses"),
+        );
         self.api
-            .patch(&self.name, &PatchParams::default(), &Patch::Merge(patch))
+            .patch(&self.name, &PatchParams::default(), &patch)
             .await
             .map_err(|source| Error::Kube {
                 action: "updating CohortSync finalizers",
@@ -249,6 +266,11 @@ impl Run<'_> {
             status.next_sync_time = None;
             status.observed_generation = self.generation;
             self.write_status(&status).await?;
+            tracing::debug!(
+                next_export = "none",
+                reason = reasons::SUSPENDED,
+                "Sync reconciled"
+            );
             return Ok(Action::await_change());
         }
 
@@ -369,6 +391,11 @@ impl Run<'_> {
         summary.apply(&mut status.conditions, self.generation, now);
         status.observed_generation = self.generation;
         self.write_status(&status).await?;
+        tracing::debug!(
+            next_export = "none",
+            reason = failure.reason,
+            "Sync reconciled"
+        );
         // The connection watch and spec edits trigger the next
         // reconciliation; the delay is a safety net.
         Ok(Action::requeue(Duration::from_secs(300)))
@@ -514,7 +541,7 @@ impl Run<'_> {
                         reason: failure.reason,
                     })
                     .inc();
-                tracing::warn!(reason = failure.reason, message = %failure.message, "Export failed");
+                tracing::warn!(reason = failure.reason, error = %failure.message, "Export failed");
                 self.event(EventType::Warning, failure.reason, failure.message.clone())
                     .await;
             }
@@ -728,7 +755,7 @@ impl Run<'_> {
              {SKIP_CLEANUP_ANNOTATION}=true to delete without clearing",
             failure.message
         );
-        tracing::warn!(reason = failure.reason, %message, "Cleanup pending");
+        tracing::warn!(reason = failure.reason, error = %message, "Cleanup pending");
         let mut status = self.current_status();
         let summary = if failure.stalled {
             Summary::Stalled {

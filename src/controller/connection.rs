@@ -195,7 +195,7 @@ pub async fn reconcile(
                 || before.conditions.is_empty()
                 || reason_changed(&before, failure) =>
         {
-            tracing::warn!(%namespace, %name, reason = failure.reason, message = %failure.message, "Connection not usable");
+            tracing::warn!(%namespace, %name, reason = failure.reason, error = %failure.message, "Connection not usable");
             shared
                 .event(
                     connection.as_ref(),

@@ -23,9 +23,10 @@ use crate::identity::{self, Identity, InvalidIdentifier};
 use crate::kameleoon::events::{self, Batch, BatchWriter};
 use crate::kameleoon::{self, NewCustomData};
 use crate::members::{self, Change, MemberSet, MemberSetBuilder};
+use crate::mixpanel::paging::Paging;
 use crate::mixpanel::{self, Cohort, ProjectAccess};
 use crate::retry::retry;
-use crate::store::{MemberStore, Snapshot, Target};
+use crate::store::{MemberStore, Snapshot, SnapshotKind, Target};
 
 /// Times an expired paging session restarts the read before the attempt fails.
 const MAX_READ_RESTARTS: u32 = 3;
@@ -124,7 +125,11 @@ impl Job<'_> {
             if !dry_run {
                 self.clear(&credentials, old).await?;
                 store
-                    .save(&target, std::iter::empty::<io::Result<&str>>())
+                    .save(
+                        &target,
+                        SnapshotKind::Exported,
+                        std::iter::empty::<io::Result<&str>>(),
+                    )
                     .await
                     .map_err(|e| Failure::store(&e))?;
             }
@@ -135,11 +140,8 @@ impl Job<'_> {
         self.tracker.phase(ExportPhase::ReadingMixpanel);
         let read = self.read_members(&reader, &cohort, match_by).await?;
         let (joined, stayed, left) = count_changes(&read.members, previous.as_ref())?;
-        let kind = if previous.is_none() {
-            ExportKind::Full
-        } else {
-            self.kind
-        };
+        let steps = Steps::new(self.kind, previous.as_ref().map(|p| p.kind), joined, left);
+        let kind = steps.kind;
         let counts = ExportCounts {
             exported: read.members.len() as i64,
             added: match kind {
@@ -167,13 +169,16 @@ impl Job<'_> {
             return Ok(report(true));
         }
 
+        if steps.interrupted {
+            tracing::info!("The previous export did not finish; sending every member again");
+        }
         // Record everyone who may carry the data once the batches below go
         // out, before any of them does.
-        if joined > 0 || previous.is_none() {
+        if steps.union_before {
             let union =
                 diff(&read.members, previous.as_ref()).map(|c| c.map(|c| c.id().to_string()));
             store
-                .save(&target, union)
+                .save(&target, SnapshotKind::Union, union)
                 .await
                 .map_err(|e| Failure::store(&e))?;
         }
@@ -182,11 +187,9 @@ impl Job<'_> {
         let changes = diff(&read.members, previous.as_ref());
         self.send(&credentials, &target, kind, changes).await?;
 
-        // The stored set now holds the previous members and everyone who
-        // joined; only leavers make it differ from the current members.
-        if left > 0 {
+        if steps.exported_after {
             store
-                .save(&target, read.members.iter().map(Ok))
+                .save(&target, SnapshotKind::Exported, read.members.iter().map(Ok))
                 .await
                 .map_err(|e| Failure::store(&e))?;
         }
@@ -405,35 +408,28 @@ impl Job<'_> {
         let mut builder = MemberSetBuilder::default();
         let mut anonymous = 0u64;
         let mut invalid: BTreeMap<InvalidIdentifier, (u64, String)> = BTreeMap::new();
-        let mut session: Option<String> = None;
-        let mut total: Option<u64> = None;
-        let mut returned = 0u64;
-        let mut page = 0u64;
-        loop {
+        let mut paging = Paging::new();
+        while let Some(request) = paging.next_request() {
             self.check_abort()?;
-            let result = reader.page(cohort.id, page, session.as_deref()).await;
+            let page = request.page;
+            let result = reader.page(cohort.id, page, request.session_id).await;
             let data = match result {
                 Ok(data) => data,
                 Err(error @ mixpanel::Error::SessionExpired { .. }) => {
                     return Err(ReadError::SessionExpired(error));
                 }
-                Err(mixpanel::Error::Rejected { status, message }) if page == 0 => {
-                    return Err(ReadError::Failed(Failure::stalled(
-                        reasons::COHORT_UNAVAILABLE,
-                        format!(
-                            "Mixpanel lists cohort {} ({:?}) but refused to return its members (HTTP {status}): {message}",
-                            cohort.id, cohort.name
-                        ),
+                Err(error @ mixpanel::Error::Rejected { .. }) if page == 0 => {
+                    let listed = self.still_listed(reader, cohort).await;
+                    return Err(ReadError::Failed(Failure::cohort_members(
+                        &error, cohort, listed,
                     )));
                 }
                 Err(error) => return Err(ReadError::Failed(Failure::mixpanel(&error))),
             };
-            if page == 0 {
-                total = data.total;
-                session = data.session_id.clone();
-            }
-            let count = data.results.len() as u64;
-            returned += count;
+            paging
+                .record(&data)
+                .map_err(|e| ReadError::Failed(Failure::mixpanel(&e)))?;
+
             for profile in &data.results {
                 match identity::resolve(&profile.distinct_id, profile.properties.as_ref(), match_by)
                 {
@@ -451,32 +447,27 @@ impl Job<'_> {
                     }
                 }
             }
+
             self.tracker.page_read(
-                (page + 1) as i64,
-                returned as i64,
-                total.map(|t| t as i64),
+                paging.pages_read() as i64,
+                paging.profiles() as i64,
+                paging.total().map(|t| t as i64),
                 data.page_size.max(1) as i64,
             );
-            let remaining_pages = total
-                .map(|t| t.div_ceil(data.page_size.max(1)).saturating_sub(page + 1))
-                .unwrap_or(0);
             let wait = if self.scope.shared.config.count_follow_up_pages {
-                reader.budget_wait(remaining_pages)
+                reader.budget_wait(paging.remaining_pages())
             } else {
                 Duration::ZERO
             };
             self.tracker
                 .estimate(self.tracker.estimate_read(Timestamp::now(), wait));
-            if count < data.page_size.max(1) {
-                break;
-            }
-            page += 1;
         }
         let (members, duplicates) = builder.finish();
         // Members without a profile are not returned at all; the cohort's
         // count tells how many there are. The count comes from the cohort
         // list, which may be a few minutes old.
-        let profiles = total.unwrap_or(returned).max(returned);
+        let returned = paging.profiles();
+        let profiles = paging.total().unwrap_or(returned).max(returned);
         let without_profile = cohort
             .count
             .map_or(0, |c| (c.max(0) as u64).saturating_sub(profiles));
@@ -486,6 +477,19 @@ impl Job<'_> {
             anonymous: anonymous + without_profile,
             invalid,
         })
+    }
+
+    /// Returns whether a fresh cohort list still contains the cohort, which
+    /// distinguishes a rejected member query from a deleted cohort. When the
+    /// list cannot be read, the cohort counts as listed.
+    async fn still_listed(&self, reader: &ProjectReader<'_>, cohort: &Cohort) -> bool {
+        match reader.cohorts(true).await {
+            Ok(list) => list.iter().any(|c| c.id == cohort.id),
+            Err(error) => {
+                tracing::warn!(%error, cohort = cohort.id, "Cannot read the cohort list to check whether the cohort still exists");
+                true
+            }
+        }
     }
 
     async fn clear(
@@ -554,6 +558,48 @@ impl Job<'_> {
         )
         .await
         .map_err(|e| Failure::kameleoon(&e))
+    }
+}
+
+/// The kind of an export and the snapshots it writes around its batches.
+#[derive(Debug, PartialEq, Eq)]
+struct Steps {
+    /// Full or differential.
+    kind: ExportKind,
+    /// Whether the snapshot in force is a union left by an export that did
+    /// not finish.
+    interrupted: bool,
+    /// Whether the union of the previous and the new members, marked as a
+    /// union, is stored before the first batch.
+    union_before: bool,
+    /// Whether the new members, marked as exported, are stored after
+    /// Kameleoon accepted every batch.
+    exported_after: bool,
+}
+
+impl Steps {
+    /// Decides from the scheduled kind, the kind of the snapshot in force (if
+    /// any for this target) and the numbers of joined and left members.
+    fn new(scheduled: ExportKind, previous: Option<SnapshotKind>, joined: u64, left: u64) -> Self {
+        // A union names members who may never have received their value,
+        // and leavers who may have received false and joined again since:
+        // only a full export repairs both.
+        let interrupted = previous == Some(SnapshotKind::Union);
+        let changed = joined > 0 || left > 0 || previous.is_none();
+        Steps {
+            kind: if previous.is_none() || interrupted {
+                ExportKind::Full
+            } else {
+                scheduled
+            },
+            interrupted,
+            // Any batch that changes a value may be cut short, so the record
+            // is marked first. A union already in force covers every change
+            // but a join.
+            union_before: joined > 0 || (changed && !interrupted),
+            // Only a finished export lets the next one send differences alone.
+            exported_after: changed || interrupted,
+        }
     }
 }
 
@@ -718,4 +764,62 @@ pub async fn clear_snapshot(
         abortable: false,
     };
     job.clear(&credentials, snapshot).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIFFERENTIAL: ExportKind = ExportKind::Differential;
+
+    #[test]
+    fn first_export_is_full_and_recorded_twice() {
+        let steps = Steps::new(DIFFERENTIAL, None, 3, 0);
+        assert_eq!(steps.kind, ExportKind::Full);
+        assert!(steps.union_before);
+        assert!(steps.exported_after);
+        // An empty cohort is recorded too, as an empty snapshot.
+        let empty = Steps::new(DIFFERENTIAL, None, 0, 0);
+        assert!(empty.union_before);
+        assert!(empty.exported_after);
+    }
+
+    #[test]
+    fn exported_snapshot_allows_differences() {
+        let steps = Steps::new(DIFFERENTIAL, Some(SnapshotKind::Exported), 2, 1);
+        assert_eq!(steps.kind, DIFFERENTIAL);
+        assert!(!steps.interrupted);
+        assert!(steps.union_before);
+        assert!(steps.exported_after);
+    }
+
+    #[test]
+    fn leavers_alone_still_mark_the_record() {
+        // A crash after some false lines must not let a leaver who joins
+        // again count as stayed.
+        let steps = Steps::new(DIFFERENTIAL, Some(SnapshotKind::Exported), 0, 4);
+        assert!(steps.union_before);
+        assert!(steps.exported_after);
+    }
+
+    #[test]
+    fn unchanged_cohort_writes_nothing() {
+        let steps = Steps::new(ExportKind::Full, Some(SnapshotKind::Exported), 0, 0);
+        assert!(!steps.union_before);
+        assert!(!steps.exported_after);
+    }
+
+    #[test]
+    fn union_in_force_forces_full_export() {
+        let steps = Steps::new(DIFFERENTIAL, Some(SnapshotKind::Union), 0, 0);
+        assert_eq!(steps.kind, ExportKind::Full);
+        assert!(steps.interrupted);
+        // The union already covers everyone; only the finished export is stored.
+        assert!(!steps.union_before);
+        assert!(steps.exported_after);
+        // New members widen the union before any batch goes out.
+        let joined = Steps::new(DIFFERENTIAL, Some(SnapshotKind::Union), 5, 0);
+        assert!(joined.union_before);
+        assert!(joined.exported_after);
+    }
 }

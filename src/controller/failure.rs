@@ -12,7 +12,8 @@ pub struct Failure {
     /// What failed and what to do, one line, without credentials.
     pub message: String,
     /// Whether progress needs a change from a person (kstatus Stalled).
-    /// Stalled attempts are still retried, at the longest backoff.
+    /// Stalled attempts are still retried with the usual exponential
+    /// backoff, because the fix may happen outside the cluster.
     pub stalled: bool,
 }
 
@@ -58,6 +59,40 @@ impl Failure {
             E::SessionExpired { .. } | E::Server { .. } | E::Transport(_) | E::Decode(_) => {
                 Self::transient(reasons::MIXPANEL_UNAVAILABLE, message)
             }
+        }
+    }
+
+    /// Maps a failure to read a cohort's members. Mixpanel returns a client
+    /// error both for a deleted cohort (400 "cohort N not found") and for a
+    /// cohort it cannot query (404 "Missing Datagroup" for a cohort tied to a
+    /// deleted data group). A fresh cohort list tells them apart: `listed`
+    /// says whether the cohort is still in it.
+    pub fn cohort_members(
+        error: &mixpanel::Error,
+        cohort: &mixpanel::Cohort,
+        listed: bool,
+    ) -> Self {
+        let mixpanel::Error::Rejected { status, message } = error else {
+            return Self::mixpanel(error);
+        };
+        if listed {
+            Self::stalled(
+                reasons::COHORT_UNAVAILABLE,
+                format!(
+                    "Mixpanel lists cohort {} ({:?}) but refused to return its members (HTTP {status}): {message}; \
+                     fix the cohort in Mixpanel or choose another one in spec.cohort",
+                    cohort.id, cohort.name
+                ),
+            )
+        } else {
+            Self::stalled(
+                reasons::COHORT_NOT_FOUND,
+                format!(
+                    "Mixpanel cohort {} ({:?}) no longer exists (HTTP {status}: {message}); the members exported \
+                     before keep their value in Kameleoon: restore the cohort or change spec.cohort",
+                    cohort.id, cohort.name
+                ),
+            )
         }
     }
 
@@ -214,6 +249,70 @@ mod tests {
             let failure = Failure::kameleoon(&error);
             assert_eq!(failure.reason, reason, "{error}");
             assert_eq!(failure.stalled, stalled, "{error}");
+        }
+    }
+
+    #[test]
+    fn cohort_read_errors_tell_deleted_from_unavailable() {
+        let cohort = mixpanel::Cohort {
+            id: 1301,
+            name: "Promo".into(),
+            count: Some(3),
+        };
+        let deleted = mixpanel::Error::Rejected {
+            status: 400,
+            message: "cohort 1301 not found".into(),
+        };
+        let not_found = Failure::cohort_members(&deleted, &cohort, false);
+        assert_eq!(not_found.reason, reasons::COHORT_NOT_FOUND);
+        assert!(not_found.stalled);
+        assert!(not_found.message.contains("1301"), "{}", not_found.message);
+
+        let missing_group = mixpanel::Error::Rejected {
+            status: 404,
+            message: "Missing Datagroup for cohort 1301".into(),
+        };
+        let unavailable = Failure::cohort_members(&missing_group, &cohort, true);
+        assert_eq!(unavailable.reason, reasons::COHORT_UNAVAILABLE);
+        assert!(unavailable.stalled);
+        assert!(
+            unavailable
+                .message
+                .contains("Missing Datagroup for cohort 1301"),
+            "{}",
+            unavailable.message
+        );
+    }
+
+    #[test]
+    fn cohort_read_keeps_mapping_of_other_errors() {
+        let cohort = mixpanel::Cohort {
+            id: 7,
+            name: "Any".into(),
+            count: None,
+        };
+        let cases = [
+            mixpanel::Error::RateLimited {
+                retry_after: None,
+                message: "slow".into(),
+            },
+            mixpanel::Error::Server {
+                status: 502,
+                message: "bad gateway".into(),
+            },
+            mixpanel::Error::Unauthorized {
+                status: 401,
+                message: "bad".into(),
+            },
+        ];
+        for error in cases {
+            for listed in [true, false] {
+                assert_eq!(
+                    Failure::cohort_members(&error, &cohort, listed),
+                    Failure::mixpanel(&error),
+                    "{error}"
+                );
+            }
         }
     }
 

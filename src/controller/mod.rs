@@ -28,6 +28,7 @@ use kube::runtime::{WatchStreamExt, reflector};
 use kube::{Resource, ResourceExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::budget::{Budgets, Limits, ProjectBudget, ProjectKey};
 use crate::crd::{CohortSync, CohortSyncStatus, KameleoonConnection};
@@ -35,6 +36,10 @@ use crate::kameleoon::KameleoonClient;
 use crate::metrics::Metrics;
 use crate::mixpanel::{self, MixpanelClient};
 use crate::retry::RetryPolicy;
+
+/// Connection events a slow subscriber may fall behind by before the watch
+/// waits for it.
+const CONNECTION_EVENT_BUFFER: usize = 1024;
 
 /// Field manager of every server-side apply the operator sends.
 pub const FIELD_MANAGER: &str = "kameleoon-cohort-operator";
@@ -64,6 +69,8 @@ pub struct Config {
     pub progress_interval: Duration,
     /// How long a cohort list is reused before it is read again.
     pub cohort_cache_ttl: Duration,
+    /// Window of the Mixpanel query allowance: an hour, shorter only in benchmarks.
+    pub query_window: Duration,
 }
 
 /// A project's cohort list and when it was read.
@@ -121,10 +128,10 @@ impl Shared {
             health,
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            budgets: Budgets::with_window(config.query_window),
             config,
             mixpanel: clients.mixpanel,
             kameleoon: clients.kameleoon,
-            budgets: Budgets::default(),
             metrics,
             shutdown,
             cohorts: Mutex::default(),
@@ -173,6 +180,11 @@ pub struct Scope {
     pub connections: Store<KameleoonConnection>,
     /// Cache of the scope's syncs.
     pub syncs: Store<CohortSync>,
+    /// True once the connection cache contains its first complete list.
+    /// Reconciliations wait on this rather than on
+    /// `Store::wait_until_ready`, whose one-shot channel wakes only the last
+    /// of several tasks waiting at once, so the others would hang.
+    pub connections_ready: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Scope {
@@ -220,9 +232,25 @@ pub enum Error {
     },
 }
 
-fn error_policy<K>(_object: Arc<K>, error: &Error, _scope: Arc<Scope>) -> Action {
-    tracing::warn!(error = %crate::failure_chain(error), "Reconciliation failed; retrying in 30s");
+fn error_policy<K: Resource>(object: Arc<K>, error: &Error, _scope: Arc<Scope>) -> Action {
+    tracing::warn!(
+        namespace = %object.meta().namespace.as_deref().unwrap_or_default(),
+        name = %object.meta().name.as_deref().unwrap_or_default(),
+        error = %crate::failure_chain(error),
+        "Reconciliation failed; retrying in 30s"
+    );
     Action::requeue(Duration::from_secs(30))
+}
+
+/// Span of one reconciliation, so that every log line of an object's work
+/// names the object's namespace and name. A span's level only decides
+/// whether it is recorded; ERROR keeps it with any log level but `off`.
+fn object_span<K: Resource>(object: &K) -> tracing::Span {
+    tracing::error_span!(
+        "reconcile",
+        namespace = %object.meta().namespace.as_deref().unwrap_or_default(),
+        name = %object.meta().name.as_deref().unwrap_or_default()
+    )
 }
 
 /// Changes of a CohortSync that need a reconciliation: the spec (through the
@@ -293,18 +321,42 @@ async fn run_scope(shared: Arc<Shared>, namespace: Option<String>) {
         None => Api::all(client.clone()),
     };
 
-    let (connections, connection_writer) = reflector::store();
-    let connection_stream = observe(
-        watcher(connections_api.clone(), watcher::Config::default()),
+    // One watch of the connections feeds both controllers. Subscribers get an
+    // object only after the cache holds it, so a sync woken by its
+    // connection's change always reads that change from the cache.
+    let (connections, connection_writer) = reflector::store_shared(CONNECTION_EVENT_BUFFER);
+    let connection_updates = connection_writer
+        .subscribe()
+        .expect("a shared store accepts subscribers");
+    let (connections_listed, connections_ready) = tokio::sync::watch::channel(false);
+    let connection_watch = observe(
+        watcher(connections_api, watcher::Config::default()),
         "kameleoonconnections",
         health.clone(),
     )
     .default_backoff()
-    .reflect(connection_writer)
-    .touched_objects();
-    let connection_controller = Controller::for_stream(connection_stream, connections.clone());
+    .reflect_shared(connection_writer)
+    .take_until(shared.shutdown.clone().cancelled_owned())
+    .for_each(move |event| {
+        if let Ok(watcher::Event::InitDone) = event {
+            connections_listed.send_replace(true);
+        }
+        std::future::ready(())
+    });
+    // The connection controller reacts to spec changes only: its own status
+    // writes must not trigger it again. Secret changes arrive through their
+    // own watch.
+    let mut generations = HashMap::new();
+    let spec_changes = connection_updates.clone().filter(move |connection| {
+        let uid = connection.uid().unwrap_or_default();
+        let changed = generations.insert(uid, connection.meta().generation)
+            != Some(connection.meta().generation);
+        std::future::ready(changed)
+    });
+    let connection_controller = Controller::for_shared_stream(spec_changes, connections.clone());
 
     let (syncs, sync_writer) = reflector::store();
+    shared.metrics.track_syncs(syncs.clone());
     let sync_stream = observe(
         watcher(syncs_api, watcher::Config::default()),
         "cohortsyncs",
@@ -320,6 +372,7 @@ async fn run_scope(shared: Arc<Shared>, namespace: Option<String>) {
         shared: shared.clone(),
         connections: connections.clone(),
         syncs: syncs.clone(),
+        connections_ready,
     });
 
     // The operator's own member Secrets change with every export; they never
@@ -339,32 +392,39 @@ async fn run_scope(shared: Arc<Shared>, namespace: Option<String>) {
             connection::referencing_secret(&secret_store, &secret)
         })
         .graceful_shutdown_on(shared.shutdown.clone().cancelled_owned())
-        .run(connection::reconcile, error_policy, scope.clone())
+        .run(
+            |connection, scope| {
+                let span = object_span(connection.as_ref());
+                connection::reconcile(connection, scope).instrument(span)
+            },
+            error_policy,
+            scope.clone(),
+        )
         .for_each(|_| async {});
 
     // Syncs follow their connection's readiness; the mapper sees every
     // connection change, including status.
     let sync_store = syncs.clone();
-    let connection_changes = observe(
-        watcher(connections_api, watcher::Config::default()),
-        "kameleoonconnections",
-        health.clone(),
-    )
-    .default_backoff()
-    .touched_objects();
     let sync_controller = sync_controller
-        .watches_stream(connection_changes, move |connection| {
+        .watches_shared_stream(connection_updates, move |connection| {
             cohort_sync::using_connection(&sync_store, &connection)
         })
         .graceful_shutdown_on(shared.shutdown.clone().cancelled_owned())
-        .run(cohort_sync::reconcile, error_policy, scope)
+        .run(
+            |sync, scope| {
+                let span = object_span(sync.as_ref());
+                cohort_sync::reconcile(sync, scope).instrument(span)
+            },
+            error_policy,
+            scope,
+        )
         .for_each(|_| async {});
 
     tracing::info!(
         namespace = namespace.as_deref().unwrap_or("(all)"),
         "Controllers started"
     );
-    futures::join!(connection_controller, sync_controller);
+    futures::join!(connection_watch, connection_controller, sync_controller);
     tracing::info!(
         namespace = namespace.as_deref().unwrap_or("(all)"),
         "Controllers stopped"

@@ -128,6 +128,9 @@ impl<'a> ProjectReader<'a> {
                 if seconds > 0.001 {
                     metrics.rate_limit_wait("mixpanel", "budget", seconds);
                 }
+                if new_query {
+                    metrics.mixpanel_query(self.key, self.budget.limits().per_hour);
+                }
                 let result = request().await;
                 drop(permit);
                 metrics.api_call("mixpanel", operation, status_of(&result));

@@ -69,14 +69,12 @@ pub enum Error {
 }
 
 impl Error {
-    /// Returns whether a later retry of the same call may succeed.
+    /// Returns whether a later retry of the same call may succeed. A page of
+    /// an expired session never does: the reader starts a new query instead.
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::RateLimited { .. }
-                | Error::SessionExpired { .. }
-                | Error::Server { .. }
-                | Error::Transport(_)
+            Error::RateLimited { .. } | Error::Server { .. } | Error::Transport(_)
         )
     }
 

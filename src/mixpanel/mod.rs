@@ -7,6 +7,7 @@
 //! [`crate::retry`].
 
 mod error;
+pub mod paging;
 
 pub use error::Error;
 

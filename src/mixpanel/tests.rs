@@ -79,6 +79,10 @@ fn errors_are_classified_by_status_and_text() {
         classify(400, r#"{"error":"expired"}"#, true),
         Error::SessionExpired { .. }
     ));
+    assert!(
+        !classify(400, r#"{"error":"expired"}"#, true).is_transient(),
+        "the page of an expired session is not retried"
+    );
     assert!(matches!(
         classify(400, r#"{"error":"no cohort"}"#, false),
         Error::Rejected { status: 400, .. }

@@ -5,7 +5,9 @@ async fn connection_becomes_connected() -> testkit::Result<()> {
     let mut env = Env::new("conn-ok").await?;
     env.start_operator(&[]).await?;
     env.connect().await?;
-    let connection = env.wait_connection("production", "Connected", "True", "Connected").await?;
+    let connection = env
+        .wait_connection("production", "Connected", "True", "Connected")
+        .await?;
     let status = connection.status.unwrap();
     assert_eq!(status.site.as_ref().map(|s| s.id), Some(31337));
     condition_is(&status.conditions, "Ready", "True", "Connected").unwrap();
@@ -18,17 +20,39 @@ async fn connection_becomes_connected() -> testkit::Result<()> {
 async fn wrong_kameleoon_secret_names_kameleoon() -> testkit::Result<()> {
     let mut env = Env::new("conn-km").await?;
     env.start_operator(&[]).await?;
-    env.apply(&secrets_yaml("mp-secret-1", "wrong-km-secret")).await?;
+    env.apply(&secrets_yaml("mp-secret-1", "wrong-km-secret"))
+        .await?;
     env.apply(CONNECTION).await?;
     let connection = env
-        .wait_connection("production", "Connected", "False", "KameleoonCredentialsRejected")
+        .wait_connection(
+            "production",
+            "Connected",
+            "False",
+            "KameleoonCredentialsRejected",
+        )
         .await?;
     let conditions = connection.status.unwrap().conditions;
-    condition_is(&conditions, "Stalled", "True", "KameleoonCredentialsRejected").unwrap();
-    let message = &conditions.iter().find(|c| c.type_ == "Connected").unwrap().message;
+    condition_is(
+        &conditions,
+        "Stalled",
+        "True",
+        "KameleoonCredentialsRejected",
+    )
+    .unwrap();
+    let message = &conditions
+        .iter()
+        .find(|c| c.type_ == "Connected")
+        .unwrap()
+        .message;
     assert!(message.contains("Kameleoon"), "{message}");
-    assert!(!message.contains("wrong-km-secret"), "the secret leaked: {message}");
-    assert!(!env.logs().contains("wrong-km-secret"), "the secret leaked into the log");
+    assert!(
+        !message.contains("wrong-km-secret"),
+        "the secret leaked: {message}"
+    );
+    assert!(
+        !env.logs().contains("wrong-km-secret"),
+        "the secret leaked into the log"
+    );
     Ok(())
 }
 
@@ -36,16 +60,32 @@ async fn wrong_kameleoon_secret_names_kameleoon() -> testkit::Result<()> {
 async fn wrong_mixpanel_secret_names_mixpanel() -> testkit::Result<()> {
     let mut env = Env::new("conn-mp").await?;
     env.start_operator(&[]).await?;
-    env.apply(&secrets_yaml("wrong-mp-secret", "km-secret-1")).await?;
+    env.apply(&secrets_yaml("wrong-mp-secret", "km-secret-1"))
+        .await?;
     env.apply(CONNECTION).await?;
     let connection = env
-        .wait_connection("production", "Connected", "False", "MixpanelCredentialsRejected")
+        .wait_connection(
+            "production",
+            "Connected",
+            "False",
+            "MixpanelCredentialsRejected",
+        )
         .await?;
     let conditions = connection.status.unwrap().conditions;
-    let message = &conditions.iter().find(|c| c.type_ == "Connected").unwrap().message;
+    let message = &conditions
+        .iter()
+        .find(|c| c.type_ == "Connected")
+        .unwrap()
+        .message;
     assert!(message.contains("Mixpanel"), "{message}");
-    assert!(!message.contains("wrong-mp-secret"), "the secret leaked: {message}");
-    assert!(!env.logs().contains("wrong-mp-secret"), "the secret leaked into the log");
+    assert!(
+        !message.contains("wrong-mp-secret"),
+        "the secret leaked: {message}"
+    );
+    assert!(
+        !env.logs().contains("wrong-mp-secret"),
+        "the secret leaked into the log"
+    );
     Ok(())
 }
 
@@ -54,13 +94,24 @@ async fn missing_secret_recovers_once_created() -> testkit::Result<()> {
     let mut env = Env::new("conn-late-secret").await?;
     env.start_operator(&[]).await?;
     env.apply(CONNECTION).await?;
-    let connection = env.wait_connection("production", "Connected", "False", "SecretNotFound").await?;
-    let message = connection.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Connected").unwrap().message;
+    let connection = env
+        .wait_connection("production", "Connected", "False", "SecretNotFound")
+        .await?;
+    let message = connection
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Connected")
+        .unwrap()
+        .message;
     assert!(message.contains("mixpanel-service-account"), "{message}");
     // Creating the Secrets recovers without a restart; the revalidation
     // interval (30m) is far longer than the wait.
-    env.apply(&secrets_yaml("mp-secret-1", "km-secret-1")).await?;
-    env.wait_connection("production", "Connected", "True", "Connected").await?;
+    env.apply(&secrets_yaml("mp-secret-1", "km-secret-1"))
+        .await?;
+    env.wait_connection("production", "Connected", "True", "Connected")
+        .await?;
     Ok(())
 }
 
@@ -83,8 +134,17 @@ stringData: {clientId: growth-operator, clientSecret: km-secret-1}
     )
     .await?;
     env.apply(CONNECTION).await?;
-    let connection = env.wait_connection("production", "Connected", "False", "SecretKeyMissing").await?;
-    let message = connection.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Connected").unwrap().message;
+    let connection = env
+        .wait_connection("production", "Connected", "False", "SecretKeyMissing")
+        .await?;
+    let message = connection
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Connected")
+        .unwrap()
+        .message;
     assert!(message.contains("\"secret\""), "{message}");
     Ok(())
 }
@@ -93,8 +153,11 @@ stringData: {clientId: growth-operator, clientSecret: km-secret-1}
 async fn unknown_site_code_is_reported() -> testkit::Result<()> {
     let mut env = Env::new("conn-site").await?;
     env.start_operator(&[]).await?;
-    env.apply(&secrets_yaml("mp-secret-1", "km-secret-1")).await?;
-    env.apply(&CONNECTION.replace("abc123xyz0", "zzzzzzzzz9")).await?;
-    env.wait_connection("production", "Connected", "False", "KameleoonSiteNotFound").await?;
+    env.apply(&secrets_yaml("mp-secret-1", "km-secret-1"))
+        .await?;
+    env.apply(&CONNECTION.replace("abc123xyz0", "zzzzzzzzz9"))
+        .await?;
+    env.wait_connection("production", "Connected", "False", "KameleoonSiteNotFound")
+        .await?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! Mixpanel and Kameleoon servers. Each test gets its own namespace, its own
 //! stand-ins and its own operator process watching only that namespace.
 
+mod failure_support;
 mod support;
 
 mod admission;

@@ -60,9 +60,20 @@ async fn install_crds(cluster: &Cluster) -> Result<()> {
     CRDS.get_or_try_init(|| async {
         let yaml = kameleoon_cohort_operator::crd::definitions_yaml()?;
         cluster.apply("", &yaml).await?;
-        for name in ["kameleoonconnections.cohortsync.io", "cohortsyncs.cohortsync.io"] {
+        for name in [
+            "kameleoonconnections.cohortsync.io",
+            "cohortsyncs.cohortsync.io",
+        ] {
             cluster
-                .kubectl(&["wait", "--for=condition=Established", "--timeout=60s", &format!("crd/{name}")], None)
+                .kubectl(
+                    &[
+                        "wait",
+                        "--for=condition=Established",
+                        "--timeout=60s",
+                        &format!("crd/{name}"),
+                    ],
+                    None,
+                )
                 .await?
                 .ensure_success()?;
         }
@@ -86,11 +97,20 @@ impl Env {
     /// Starts the stand-ins from [`SEED`] and creates a namespace; the
     /// operator is started separately so tests can pick its flags.
     pub async fn new(prefix: &str) -> Result<Env> {
-        Self::with(prefix, MixpanelConfig::default(), KameleoonConfig::default()).await
+        Self::with(
+            prefix,
+            MixpanelConfig::default(),
+            KameleoonConfig::default(),
+        )
+        .await
     }
 
     /// Like [`Env::new`], with stand-in settings.
-    pub async fn with(prefix: &str, mixpanel: MixpanelConfig, kameleoon: KameleoonConfig) -> Result<Env> {
+    pub async fn with(
+        prefix: &str,
+        mixpanel: MixpanelConfig,
+        kameleoon: KameleoonConfig,
+    ) -> Result<Env> {
         let cluster = Cluster::shared().await;
         install_crds(cluster).await?;
         let seed = Seed::parse(SEED)?;
@@ -171,7 +191,10 @@ impl Env {
 
     /// Logs of the running operator.
     pub fn logs(&self) -> String {
-        self.operator.as_ref().map(Operator::logs).unwrap_or_default()
+        self.operator
+            .as_ref()
+            .map(Operator::logs)
+            .unwrap_or_default()
     }
 
     /// Applies manifests in the test namespace.
@@ -182,7 +205,8 @@ impl Env {
 
     /// Creates the two Secrets and the connection `production` of the seed.
     pub async fn connect(&self) -> Result<()> {
-        self.apply(&secrets_yaml("mp-secret-1", "km-secret-1")).await?;
+        self.apply(&secrets_yaml("mp-secret-1", "km-secret-1"))
+            .await?;
         self.apply(CONNECTION).await
     }
 
@@ -208,7 +232,10 @@ impl Env {
             let sync = api.get(name).await?;
             match check(&sync) {
                 Ok(()) => Ok(sync),
-                Err(why) => Err(testkit::anyhow::anyhow!("{why}; status: {}", status_json(&sync))),
+                Err(why) => Err(testkit::anyhow::anyhow!(
+                    "{why}; status: {}",
+                    status_json(&sync)
+                )),
             }
         })
         .await;
@@ -219,23 +246,59 @@ impl Env {
     }
 
     /// Waits until a sync has a condition with the given status and reason.
-    pub async fn wait_condition(&self, name: &str, type_: &str, status: &str, reason: &str) -> Result<CohortSync> {
-        self.wait_sync(name, &format!("{name} {type_}={status} ({reason})"), |sync| {
-            condition_is(sync.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default(), type_, status, reason)
-        })
+    pub async fn wait_condition(
+        &self,
+        name: &str,
+        type_: &str,
+        status: &str,
+        reason: &str,
+    ) -> Result<CohortSync> {
+        self.wait_sync(
+            name,
+            &format!("{name} {type_}={status} ({reason})"),
+            |sync| {
+                condition_is(
+                    sync.status
+                        .as_ref()
+                        .map(|s| s.conditions.as_slice())
+                        .unwrap_or_default(),
+                    type_,
+                    status,
+                    reason,
+                )
+            },
+        )
         .await
     }
 
     /// Waits until a connection has a condition with the given status and reason.
-    pub async fn wait_connection(&self, name: &str, type_: &str, status: &str, reason: &str) -> Result<KameleoonConnection> {
+    pub async fn wait_connection(
+        &self,
+        name: &str,
+        type_: &str,
+        status: &str,
+        reason: &str,
+    ) -> Result<KameleoonConnection> {
         let api = self.connections();
-        let result = wait_until(TIMEOUT, &format!("connection {name} {type_}={status} ({reason})"), async || {
-            let connection = api.get(name).await?;
-            let conditions = connection.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
-            condition_is(conditions, type_, status, reason)
-                .map_err(|why| testkit::anyhow::anyhow!("{why}: {}", serde_json::to_string(&connection.status).unwrap()))?;
-            Ok(connection)
-        })
+        let result = wait_until(
+            TIMEOUT,
+            &format!("connection {name} {type_}={status} ({reason})"),
+            async || {
+                let connection = api.get(name).await?;
+                let conditions = connection
+                    .status
+                    .as_ref()
+                    .map(|s| s.conditions.as_slice())
+                    .unwrap_or_default();
+                condition_is(conditions, type_, status, reason).map_err(|why| {
+                    testkit::anyhow::anyhow!(
+                        "{why}: {}",
+                        serde_json::to_string(&connection.status).unwrap()
+                    )
+                })?;
+                Ok(connection)
+            },
+        )
         .await;
         if result.is_err() {
             eprintln!("operator log:\n{}", self.logs());
@@ -272,16 +335,27 @@ impl Env {
 
     /// Engage requests received so far.
     pub fn engage_requests(&self) -> usize {
-        self.mixpanel.requests().iter().filter(|r| r.path.ends_with("/engage")).count()
+        self.mixpanel
+            .requests()
+            .iter()
+            .filter(|r| r.path.ends_with("/engage"))
+            .count()
     }
 
     /// Replaces a cohort's members with identified profiles of the given ids.
     pub fn set_members(&self, cohort: u64, ids: &[&str]) {
         let members = ids
             .iter()
-            .map(|id| MemberSeed::Profile(ProfileSeed::new(*id, json!({"$email": format!("{id}@example.test")}))))
+            .map(|id| {
+                MemberSeed::Profile(ProfileSeed::new(
+                    *id,
+                    json!({"$email": format!("{id}@example.test")}),
+                ))
+            })
             .collect();
-        self.mixpanel.set_cohort_members(PROJECT, cohort, members).unwrap();
+        self.mixpanel
+            .set_cohort_members(PROJECT, cohort, members)
+            .unwrap();
     }
 }
 
@@ -349,7 +423,10 @@ pub fn condition_is(
 ) -> std::result::Result<(), String> {
     match conditions.iter().find(|c| c.type_ == type_) {
         Some(c) if c.status == status && (reason.is_empty() || c.reason == reason) => Ok(()),
-        Some(c) => Err(format!("{type_} is {} ({}: {})", c.status, c.reason, c.message)),
+        Some(c) => Err(format!(
+            "{type_} is {} ({}: {})",
+            c.status, c.reason, c.message
+        )),
         None => Err(format!("no {type_} condition")),
     }
 }

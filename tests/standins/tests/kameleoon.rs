@@ -718,6 +718,7 @@ async fn user_agent_and_auth_checks() {
     let url = format!("{}/visit/events?siteCode={SITE}", km.url());
     let line = event_line(COHORT_INDEX, "true", 1, "visitorCode", "u-1");
 
+    common::install_crypto_provider();
     let bare = reqwest::Client::new();
     let no_agent = bare
         .post(&url)

@@ -1036,6 +1036,7 @@ async fn control_api_over_http() {
 #[tokio::test]
 async fn serves_http2_prior_knowledge() {
     let mp = start(vec![cohort(1, "c", numbered(1))], MixpanelConfig::default()).await;
+    common::install_crypto_provider();
     let client = reqwest::Client::builder()
         .http2_prior_knowledge()
         .user_agent(USER_AGENT)

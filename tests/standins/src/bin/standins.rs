@@ -59,6 +59,11 @@ struct Args {
     #[arg(long, default_value_t = limits::MIXPANEL_SESSION_IDLE_SECONDS)]
     session_idle_seconds: u64,
 
+    /// Length of the Mixpanel query-limit window, in seconds (one hour; shorter
+    /// only for benchmarks that must reach the limit in minutes).
+    #[arg(long, default_value_t = 3600)]
+    mixpanel_query_window_seconds: u64,
+
     /// Largest Kameleoon /visit/events body, in bytes; larger ones get 413.
     #[arg(long, default_value_t = limits::DEFAULT_EVENTS_BODY_LIMIT_BYTES)]
     kameleoon_body_limit: usize,
@@ -98,6 +103,7 @@ impl Args {
             count_follow_up_pages: self.count_follow_up_pages,
             retry_after_seconds: self.mixpanel_retry_after,
             session_idle_timeout_ms: self.session_idle_seconds.saturating_mul(1000),
+            query_window_ms: self.mixpanel_query_window_seconds.saturating_mul(1000),
         }
     }
 

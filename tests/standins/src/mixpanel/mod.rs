@@ -42,6 +42,9 @@ pub struct MixpanelConfig {
     pub retry_after_seconds: Option<u64>,
     /// Idle time after which a paging session expires, in milliseconds.
     pub session_idle_timeout_ms: u64,
+    /// Length of the sliding window of `hourly_query_limit`, in milliseconds:
+    /// an hour, shortened only so benchmarks can reach the limit in minutes.
+    pub query_window_ms: u64,
 }
 
 impl Default for MixpanelConfig {
@@ -53,6 +56,7 @@ impl Default for MixpanelConfig {
             count_follow_up_pages: false,
             retry_after_seconds: None,
             session_idle_timeout_ms: limits::MIXPANEL_SESSION_IDLE_SECONDS * 1000,
+            query_window_ms: 3_600_000,
         }
     }
 }
@@ -61,6 +65,11 @@ impl MixpanelConfig {
     pub(crate) fn validate(&self) -> Result<(), StandinError> {
         if self.page_size == 0 {
             return Err(StandinError::Invalid("page_size must be at least 1".into()));
+        }
+        if self.query_window_ms == 0 {
+            return Err(StandinError::Invalid(
+                "query_window_ms must be at least 1".into(),
+            ));
         }
         if self.max_concurrent_queries == 0 {
             return Err(StandinError::Invalid(

@@ -19,8 +19,6 @@ use crate::seed::{
 };
 use crate::util::{format_utc, now_ms};
 
-const HOUR: Duration = Duration::from_secs(3600);
-
 pub(crate) struct Shared {
     pub state: Mutex<MixpanelState>,
     pub recorder: Arc<Recorder>,
@@ -199,12 +197,13 @@ impl Shared {
     pub(crate) fn stats(&self) -> MixpanelStats {
         let mut state = self.state.lock();
         let now = Instant::now();
+        let window = Duration::from_millis(state.config.query_window_ms);
         let mut rate_limited = 0;
         let projects = state
             .projects
             .iter_mut()
             .map(|(&project_id, project)| {
-                prune_window(&mut project.usage.window, now);
+                prune_window(&mut project.usage.window, now, window);
                 rate_limited += project.usage.rejected_concurrent + project.usage.rejected_hourly;
                 ProjectStats {
                     project_id,
@@ -354,13 +353,14 @@ impl MixpanelState {
     pub(crate) fn admit(&mut self, project_id: u64, counted: bool) -> Result<usize, LimitExceeded> {
         let max_concurrent = self.config.max_concurrent_queries;
         let hourly_limit = self.config.hourly_query_limit as usize;
+        let window = Duration::from_millis(self.config.query_window_ms);
         let usage = &mut self
             .projects
             .get_mut(&project_id)
             .expect("admit is called for existing projects")
             .usage;
         let now = Instant::now();
-        prune_window(&mut usage.window, now);
+        prune_window(&mut usage.window, now, window);
         let in_last_hour = usage.window.len() + usize::from(counted);
 
         if usage.in_flight >= max_concurrent {
@@ -395,9 +395,9 @@ impl MixpanelState {
     }
 }
 
-fn prune_window(window: &mut VecDeque<Instant>, now: Instant) {
+fn prune_window(window: &mut VecDeque<Instant>, now: Instant, length: Duration) {
     while let Some(&oldest) = window.front() {
-        if now.duration_since(oldest) >= HOUR {
+        if now.duration_since(oldest) >= length {
             window.pop_front();
         } else {
             break;

@@ -140,7 +140,15 @@ pub fn kameleoon_seed() -> KameleoonSeed {
     }
 }
 
+/// Installs ring as the TLS crypto provider. In the workspace, reqwest is
+/// built without a default one (the operator chooses ring), and building a
+/// client panics without it, even for plain HTTP.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub fn client() -> reqwest::Client {
+    install_crypto_provider();
     reqwest::Client::builder()
         .user_agent(USER_AGENT)
         .build()
