@@ -582,12 +582,13 @@ impl Run<'_> {
                 })
                 .observe(seconds);
             let note = format!(
-                "Dry run: an export would send {} members to custom data {:?} (add {}, remove {}), skipping {} \
-                 anonymous and {} invalid; nothing was sent",
+                "Dry run: an export would send {} members to custom data {:?} (add {}, remove {}, clear {} \
+                 of the previous cohort or custom data), skipping {} anonymous and {} invalid; nothing was sent",
                 counts.exported,
                 report.custom_data.name,
                 counts.added,
                 counts.removed,
+                counts.cleared_previous,
                 counts.skipped_anonymous,
                 counts.skipped_invalid
             );
@@ -642,10 +643,10 @@ impl Run<'_> {
             counts.skipped_invalid,
             counts.duplicates
         );
-        if report.cleared_previous > 0 {
+        if counts.cleared_previous > 0 {
             note.push_str(&format!(
                 "; first cleared {} members exported under the previous cohort or custom data",
-                report.cleared_previous
+                counts.cleared_previous
             ));
         }
         self.event(EventType::Normal, reasons::SUCCEEDED, note)
@@ -905,11 +906,12 @@ fn settled_summary(
         AttemptResult::Planned => Summary::Ready {
             reason: reasons::PLANNED,
             message: format!(
-                "Dry run: an export would send {} members (add {}, remove {}, skip {} anonymous and {} invalid); \
-                 nothing was sent; {next}",
+                "Dry run: an export would send {} members (add {}, remove {}, clear {} previous, skip {} anonymous \
+                 and {} invalid); nothing was sent; {next}",
                 counts.exported,
                 counts.added,
                 counts.removed,
+                counts.cleared_previous,
                 counts.skipped_anonymous,
                 counts.skipped_invalid
             ),

@@ -63,8 +63,6 @@ pub struct Report {
     pub invalid: BTreeMap<InvalidIdentifier, (u64, String)>,
     /// Whether this was a dry run that sent nothing.
     pub planned: bool,
-    /// Identifiers cleared under a previous cohort or custom data.
-    pub cleared_previous: u64,
 }
 
 /// Members read from Mixpanel.
@@ -152,6 +150,7 @@ impl Job<'_> {
             skipped_anonymous: read.anonymous as i64,
             skipped_invalid: read.invalid.values().map(|(n, _)| *n as i64).sum(),
             duplicates: read.duplicates as i64,
+            cleared_previous: cleared_previous as i64,
         };
         let report = |planned| Report {
             cohort: ResolvedCohort {
@@ -163,7 +162,6 @@ impl Job<'_> {
             counts: counts.clone(),
             invalid: read.invalid.clone(),
             planned,
-            cleared_previous,
         };
         if dry_run {
             return Ok(report(true));
@@ -313,12 +311,18 @@ impl Job<'_> {
             }
         };
         let creds = &credentials.kameleoon;
-        let list = self
-            .kameleoon_call("custom_datas_list", || {
-                shared.kameleoon.list_custom_data(creds, site_id)
-            })
-            .await?;
-        if let Some(existing) = list.into_iter().find(|c| c.name == name) {
+        let mut found = self.cached_custom_data(site_id, name);
+        if found.is_none() {
+            // Not cached, or created since the list was read: list again.
+            let list = self
+                .kameleoon_call("custom_datas_list", || {
+                    shared.kameleoon.list_custom_data(creds, site_id)
+                })
+                .await?;
+            found = list.iter().find(|c| c.name == name).cloned();
+            self.cache_custom_data(site_id, list);
+        }
+        if let Some(existing) = found {
             let boolean = existing
                 .format
                 .as_deref()
@@ -371,11 +375,49 @@ impl Job<'_> {
             index = created.index,
             "Created Kameleoon custom data"
         );
+        let mut list = self
+            .scope
+            .shared
+            .custom_data
+            .lock()
+            .expect("custom data cache lock")
+            .get(&site_id)
+            .map(|cached| cached.list.as_ref().clone())
+            .unwrap_or_default();
+        list.push(created.clone());
+        self.cache_custom_data(site_id, list);
         Ok(ResolvedCustomData {
             name: created.name,
             index: created.index,
             id: Some(created.id),
         })
+    }
+
+    /// A custom data of the site by name, from a list younger than the
+    /// cache lifetime.
+    fn cached_custom_data(&self, site_id: i64, name: &str) -> Option<kameleoon::CustomData> {
+        let shared = &self.scope.shared;
+        let cache = shared.custom_data.lock().expect("custom data cache lock");
+        let cached = cache.get(&site_id)?;
+        if cached.read_at.elapsed() >= shared.config.cohort_cache_ttl {
+            return None;
+        }
+        cached.list.iter().find(|c| c.name == name).cloned()
+    }
+
+    fn cache_custom_data(&self, site_id: i64, list: Vec<kameleoon::CustomData>) {
+        self.scope
+            .shared
+            .custom_data
+            .lock()
+            .expect("custom data cache lock")
+            .insert(
+                site_id,
+                super::CachedCustomData {
+                    read_at: tokio::time::Instant::now(),
+                    list: std::sync::Arc::new(list),
+                },
+            );
     }
 
     async fn read_members(

@@ -79,6 +79,12 @@ struct CachedCohorts {
     list: Arc<Vec<mixpanel::Cohort>>,
 }
 
+/// A Kameleoon site's custom data and when they were listed.
+struct CachedCustomData {
+    read_at: tokio::time::Instant,
+    list: Arc<Vec<crate::kameleoon::CustomData>>,
+}
+
 /// Clients of the two services.
 pub struct Clients {
     /// Mixpanel client.
@@ -108,6 +114,7 @@ pub struct Shared {
     /// Readiness state, which failing watches mark.
     pub health: Arc<crate::server::Health>,
     cohorts: Mutex<HashMap<ProjectKey, CachedCohorts>>,
+    custom_data: Mutex<HashMap<i64, CachedCustomData>>,
     export_slots: Mutex<HashMap<ProjectKey, Arc<Semaphore>>>,
     validations: Mutex<HashMap<String, connection::Validation>>,
     intended: Mutex<HashMap<String, CohortSyncStatus>>,
@@ -135,6 +142,7 @@ impl Shared {
             metrics,
             shutdown,
             cohorts: Mutex::default(),
+            custom_data: Mutex::default(),
             export_slots: Mutex::default(),
             validations: Mutex::default(),
             intended: Mutex::default(),

@@ -297,6 +297,10 @@ pub struct ExportCounts {
     pub skipped_invalid: i64,
     /// Profiles that resolved to an identifier another profile already had.
     pub duplicates: i64,
+    /// Members exported under the previous cohort or custom data, set to false first
+    /// because spec.cohort or spec.customData.name changed.
+    #[serde(default)]
+    pub cleared_previous: i64,
 }
 
 /// Progress of a running export.

@@ -7,6 +7,7 @@
 
 mod error;
 pub mod events;
+pub mod pacing;
 
 pub use error::Error;
 
@@ -143,6 +144,7 @@ pub struct KameleoonClient {
     http: Client,
     endpoints: Endpoints,
     tokens: Arc<Mutex<HashMap<Credentials, CachedToken>>>,
+    automation: Arc<pacing::Pacer>,
 }
 
 #[derive(Deserialize)]
@@ -165,6 +167,7 @@ impl KameleoonClient {
             http,
             endpoints,
             tokens: Arc::default(),
+            automation: Arc::new(pacing::Pacer::new(&pacing::AUTOMATION_LIMITS)),
         })
     }
 
@@ -183,6 +186,7 @@ impl KameleoonClient {
         {
             return Ok(cached.value.clone());
         }
+        self.pace(&credentials.client_id).await;
         let response = self
             .http
             .post(self.api_url("/oauth/token"))
@@ -219,21 +223,36 @@ impl KameleoonClient {
         Ok(cached.value)
     }
 
+    async fn pace(&self, client_id: &str) {
+        let waited = self.automation.acquire(client_id).await;
+        if waited > Duration::from_millis(1) {
+            tracing::debug!(
+                waited_ms = waited.as_millis() as u64,
+                "Waited for the Kameleoon Automation API rate limit"
+            );
+        }
+    }
+
     /// Drops the cached token of the credentials.
     pub async fn forget_token(&self, credentials: &Credentials) {
         self.tokens.lock().await.remove(credentials);
     }
 
     /// Sends an authenticated request; on 401 renews the token and sends it
-    /// once more. Returns the body of a successful answer.
+    /// once more. Automation API requests are paced below its limits first.
+    /// Returns the body of a successful answer.
     async fn send(
         &self,
         credentials: &Credentials,
         build: impl Fn() -> RequestBuilder,
         body_len: usize,
+        automation: bool,
     ) -> Result<String, Error> {
         for attempt in 0..2 {
             let token = self.token(credentials).await?;
+            if automation {
+                self.pace(&credentials.client_id).await;
+            }
             let response = build()
                 .bearer_auth(token.expose())
                 .send()
@@ -277,6 +296,7 @@ impl KameleoonClient {
                 credentials,
                 || self.http.get(url.clone()).query(&[("filter", &filter)]),
                 0,
+                true,
             )
             .await?;
         let sites: Vec<Site> =
@@ -311,6 +331,7 @@ impl KameleoonClient {
                         ])
                     },
                     0,
+                    true,
                 )
                 .await?;
             let items: Vec<CustomData> = serde_json::from_str(&body)
@@ -336,6 +357,7 @@ impl KameleoonClient {
                 credentials,
                 || self.http.post(url.clone()).json(definition),
                 0,
+                true,
             )
             .await?;
         serde_json::from_str(&body).map_err(|e| Error::Decode(format!("created custom data: {e}")))
@@ -360,6 +382,7 @@ impl KameleoonClient {
                     .body(body.to_string())
             },
             body.len(),
+            false,
         )
         .await
         .map(|_| ())
