@@ -188,22 +188,46 @@ fn generator(count: u64) -> GeneratorSeed {
     .expect("generator settings deserialize")
 }
 
+/// Projects, each with its own Kameleoon client and site (`site_code`), so
+/// that no client runs into Kameleoon's per-client Automation API limit.
 fn seed(projects: &[u64]) -> Result<Seed> {
-    let projects: Vec<serde_json::Value> = projects
+    let mixpanel_projects: Vec<serde_json::Value> = projects
         .iter()
         .map(|id| json!({"id": id, "api_access": true, "cohorts": [{"id": COHORT, "name": "Benchmark", "members": []}]}))
         .collect();
+    let clients: Vec<serde_json::Value> = projects
+        .iter()
+        .map(|id| json!({"client_id": client_id(*id), "client_secret": CLIENT_SECRET, "sites": [site_code(*id)]}))
+        .collect();
+    let sites: Vec<serde_json::Value> = projects
+        .iter()
+        .map(|id| json!({"id": id, "code": site_code(*id), "name": format!("Bench {id}")}))
+        .collect();
     let seed = json!({
         "mixpanel": {
-            "service_accounts": [{"username": USERNAME, "secret": SECRET, "projects": projects.iter().map(|p| p["id"].clone()).collect::<Vec<_>>()}],
-            "projects": projects,
+            "service_accounts": [{"username": USERNAME, "secret": SECRET, "projects": projects}],
+            "projects": mixpanel_projects,
         },
-        "kameleoon": {
-            "clients": [{"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "sites": [SITE]}],
-            "sites": [{"id": 1, "code": SITE, "name": "Bench"}],
-        },
+        "kameleoon": {"clients": clients, "sites": sites},
     });
     Ok(Seed::parse(&serde_json::to_string(&seed)?)?)
+}
+
+/// Kameleoon site code of a project's site: ten lower-case letters or digits.
+fn site_code(project: u64) -> String {
+    if project == 1111 {
+        SITE.to_string()
+    } else {
+        format!("bench{project:05}")
+    }
+}
+
+fn client_id(project: u64) -> String {
+    if project == 1111 {
+        CLIENT_ID.to_string()
+    } else {
+        format!("{CLIENT_ID}-{project}")
+    }
 }
 
 struct Standins {
@@ -231,6 +255,8 @@ fn unlimited() -> MixpanelConfig {
 }
 
 fn connection_yaml(name: &str, project: u64, queries_per_hour: u32) -> String {
+    let site = site_code(project);
+    let client = client_id(project);
     format!(
         r#"
 apiVersion: v1
@@ -241,14 +267,14 @@ stringData: {{username: {USERNAME}, secret: {SECRET}}}
 apiVersion: v1
 kind: Secret
 metadata: {{name: {name}-kameleoon}}
-stringData: {{clientId: {CLIENT_ID}, clientSecret: {CLIENT_SECRET}}}
+stringData: {{clientId: {client}, clientSecret: {CLIENT_SECRET}}}
 ---
 apiVersion: cohortsync.io/v1alpha1
 kind: KameleoonConnection
 metadata: {{name: {name}}}
 spec:
   kameleoon:
-    siteCode: {SITE}
+    siteCode: {site}
     credentialsSecretRef: {{name: {name}-kameleoon}}
   mixpanel:
     projectId: {project}
