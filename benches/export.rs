@@ -318,11 +318,13 @@ fn spawn_operator(standins: &Standins, kubeconfig: &str, extra: &[&str]) -> Resu
         "warn",
     ];
     args.extend_from_slice(extra);
-    Operator::spawn(
-        env!("CARGO_BIN_EXE_kameleoon-cohort-operator"),
-        &args,
-        &[("KUBECONFIG", kubeconfig)],
-    )
+    // MALLOC_ARENA_MAX is passed on, so a run can compare glibc settings.
+    let arenas = std::env::var("MALLOC_ARENA_MAX").unwrap_or_default();
+    let mut env = vec![("KUBECONFIG", kubeconfig)];
+    if !arenas.is_empty() {
+        env.push(("MALLOC_ARENA_MAX", arenas.as_str()));
+    }
+    Operator::spawn(env!("CARGO_BIN_EXE_kameleoon-cohort-operator"), &args, &env)
 }
 
 /// Resident set size now, from `/proc/<pid>/status`.

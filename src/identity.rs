@@ -14,6 +14,8 @@
 //!   invalid: empty, longer than the limit of the identifier kind, or
 //!   containing control characters.
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 
 use crate::crd::MatchBy;
@@ -34,9 +36,9 @@ pub const MAX_MAPPING_VALUE_CHARS: usize = 255;
 
 /// Outcome of the identity rules for one profile.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Identity {
+pub enum Identity<'a> {
     /// The profile is exported under this identifier.
-    Member(String),
+    Member(Cow<'a, str>),
     /// The profile cannot be matched to a known user.
     Anonymous,
     /// The identifier would be rejected by Kameleoon.
@@ -97,35 +99,59 @@ pub fn max_chars(match_by: MatchBy) -> usize {
     }
 }
 
-/// Applies the identity rules to one profile of the Engage API.
-pub fn resolve(distinct_id: &Value, properties: Option<&Value>, match_by: MatchBy) -> Identity {
+/// Applies the identity rules to one profile of the Engage API, given as
+/// JSON values.
+pub fn resolve(
+    distinct_id: &Value,
+    properties: Option<&Value>,
+    match_by: MatchBy,
+) -> Identity<'static> {
+    let distinct = match distinct_id {
+        Value::String(s) => Some(Cow::Owned(s.clone())),
+        Value::Number(n) => Some(Cow::Owned(n.to_string())),
+        _ => None,
+    };
     let mapping = properties
         .and_then(|p| p.get(MAPPING_PROPERTY))
         .and_then(Value::as_str)
-        .filter(|s| !s.trim().is_empty());
-    let id = match (mapping, distinct_id) {
-        (Some(mapping), _) => mapping.to_string(),
-        (None, Value::String(s)) => s.clone(),
-        (None, Value::Number(n)) => n.to_string(),
-        (None, _) => return Identity::Invalid(InvalidIdentifier::NotAString),
+        .map(|m| Cow::Owned(m.to_string()));
+    resolve_text(distinct, mapping, match_by)
+}
+
+/// Applies the identity rules to a profile's distinct id (as text, `None`
+/// when it is neither a string nor a number) and its
+/// `$kameleoon_mapping_id` (`None` when absent or not a string). The chosen
+/// identifier is borrowed, not copied, when it is valid.
+pub fn resolve_text<'a>(
+    distinct_id: Option<Cow<'a, str>>,
+    mapping_id: Option<Cow<'a, str>>,
+    match_by: MatchBy,
+) -> Identity<'a> {
+    let mapping = mapping_id.filter(|s| !s.trim().is_empty());
+    let Some(id) = mapping.or(distinct_id) else {
+        return Identity::Invalid(InvalidIdentifier::NotAString);
     };
     if id.starts_with(DEVICE_ID_PREFIX) {
         return Identity::Anonymous;
     }
-    validate(&id, match_by)
+    validate(id, match_by)
 }
 
-fn validate(id: &str, match_by: MatchBy) -> Identity {
+fn validate(id: Cow<'_, str>, match_by: MatchBy) -> Identity<'_> {
     if id.trim().is_empty() {
         return Identity::Invalid(InvalidIdentifier::Empty);
     }
-    if id.chars().any(char::is_control) {
-        return Identity::Invalid(InvalidIdentifier::ControlCharacter);
+    let mut chars = 0;
+    for c in id.chars() {
+        if c.is_control() {
+            return Identity::Invalid(InvalidIdentifier::ControlCharacter);
+        }
+        chars += 1;
     }
-    if id.chars().count() > max_chars(match_by) {
+    if chars > max_chars(match_by) {
         return Identity::Invalid(InvalidIdentifier::TooLong);
     }
-    Identity::Member(id.to_string())
+    Identity::Member(id)
 }
 
 /// Shortens an identifier for messages, so that Events and logs never carry a
@@ -147,8 +173,8 @@ mod tests {
     use InvalidIdentifier::*;
     use MatchBy::*;
 
-    fn member(id: &str) -> Identity {
-        Identity::Member(id.to_string())
+    fn member(id: &str) -> Identity<'static> {
+        Identity::Member(Cow::Owned(id.to_string()))
     }
 
     #[test]

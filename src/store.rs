@@ -88,6 +88,14 @@ impl SnapshotKind {
     }
 }
 
+/// Identifiers in their stored, compressed form.
+pub struct Encoded {
+    /// Gzip-compressed sorted lines.
+    pub compressed: Vec<u8>,
+    /// Number of identifiers.
+    pub members: u64,
+}
+
 /// A snapshot read back from the cluster.
 pub struct Snapshot {
     /// Sequence number.
@@ -163,31 +171,81 @@ impl MemberStore {
             })
     }
 
+    /// Names and sequence numbers of the stored chunks, without their data.
+    async fn list_chunks(&self) -> Result<Vec<(String, Option<u64>)>, Error> {
+        let params = ListParams::default().labels(&format!("{SYNC_UID_LABEL}={}", self.uid));
+        let list = self
+            .api
+            .list_metadata(&params)
+            .await
+            .map_err(|source| Error::Kube {
+                action: "list",
+                source,
+            })?;
+        Ok(list
+            .items
+            .into_iter()
+            .map(|item| {
+                let sequence = item
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(SEQUENCE_ANNOTATION))
+                    .and_then(|v| v.parse().ok());
+                (item.metadata.name.unwrap_or_default(), sequence)
+            })
+            .collect())
+    }
+
     /// Reads the newest complete snapshot, if any.
     pub async fn load(&self) -> Result<Option<Snapshot>, Error> {
         Ok(newest_complete(self.list().await?))
     }
 
-    /// Writes a new snapshot of sorted identifiers for a target, then deletes
-    /// the older ones. Returns the number of identifiers written.
+    /// Compresses sorted identifiers and writes them as a new snapshot of a
+    /// target, then deletes the older snapshots. Returns the compressed form,
+    /// so that an identical snapshot can be written again without
+    /// compressing twice.
     pub async fn save<S: AsRef<str>>(
         &self,
         target: &Target,
         kind: SnapshotKind,
         ids: impl IntoIterator<Item = std::io::Result<S>>,
-    ) -> Result<u64, Error> {
-        let existing = self.list().await?;
-        let sequence = existing.iter().filter_map(sequence_of).max().unwrap_or(0) + 1;
+    ) -> Result<Encoded, Error> {
         let (compressed, members) = crate::members::encode(ids).map_err(Error::Encode)?;
-        let chunks: Vec<&[u8]> = if compressed.is_empty() {
+        let encoded = Encoded {
+            compressed,
+            members,
+        };
+        self.save_encoded(target, kind, &encoded).await?;
+        Ok(encoded)
+    }
+
+    /// Writes already compressed identifiers as a new snapshot of a target,
+    /// then deletes the older snapshots.
+    pub async fn save_encoded(
+        &self,
+        target: &Target,
+        kind: SnapshotKind,
+        encoded: &Encoded,
+    ) -> Result<(), Error> {
+        let existing = self.list_chunks().await?;
+        let sequence = existing.iter().filter_map(|(_, s)| *s).max().unwrap_or(0) + 1;
+        let chunks: Vec<&[u8]> = if encoded.compressed.is_empty() {
             vec![&[][..]]
         } else {
-            compressed.chunks(CHUNK_BYTES).collect()
+            encoded.compressed.chunks(CHUNK_BYTES).collect()
         };
         let target_json = serde_json::to_string(target).expect("a target serializes");
         for (index, chunk) in chunks.iter().enumerate() {
-            let mut secret =
-                self.chunk_secret(sequence, index, chunks.len(), members, &target_json, chunk);
+            let mut secret = self.chunk_secret(
+                sequence,
+                index,
+                chunks.len(),
+                encoded.members,
+                &target_json,
+                chunk,
+            );
             secret
                 .annotations_mut()
                 .insert(KIND_ANNOTATION.to_string(), kind.as_str().to_string());
@@ -199,10 +257,10 @@ impl MemberStore {
                     source,
                 })?;
         }
-        for old in existing {
-            self.delete(&old.name_any()).await?;
+        for (name, _) in existing {
+            self.delete(&name).await?;
         }
-        Ok(members)
+        Ok(())
     }
 
     /// Deletes every snapshot.

@@ -115,16 +115,23 @@ impl Run<'_> {
     }
 
     async fn write_status(&self, status: &CohortSyncStatus) -> Result<(), Error> {
-        let current = self.current_status();
+        // The cache already shows this status: nothing to write, and
+        // nothing to remember in its place.
+        if self.sync.status.as_ref() == Some(status) {
+            self.scope
+                .shared
+                .intended
+                .lock()
+                .expect("intended status lock")
+                .remove(&self.uid);
+            return Ok(());
+        }
         self.scope
             .shared
             .intended
             .lock()
             .expect("intended status lock")
             .insert(self.uid.clone(), status.clone());
-        if *status == current && self.sync.status.as_ref() == Some(status) {
-            return Ok(());
-        }
         let patch = serde_json::json!({
             "apiVersion": "cohortsync.io/v1alpha1",
             "kind": "CohortSync",

@@ -2,6 +2,7 @@
 //! the members from Mixpanel, compare them with the last export, and send
 //! the differences to Kameleoon without ever forgetting who carries the data.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io;
 use std::time::Duration;
@@ -172,13 +173,20 @@ impl Job<'_> {
         }
         // Record everyone who may carry the data once the batches below go
         // out, before any of them does.
+        let mut union = None;
         if steps.union_before {
-            let union =
-                diff(&read.members, previous.as_ref()).map(|c| c.map(|c| c.id().to_string()));
-            store
-                .save(&target, SnapshotKind::Union, union)
-                .await
-                .map_err(|e| Failure::store(&e))?;
+            let ids = diff(&read.members, previous.as_ref()).map(|change| {
+                change.map(|change| match change {
+                    Change::Joined(id) | Change::Stayed(id) => Cow::Borrowed(id),
+                    Change::Left(id) => Cow::Owned(id),
+                })
+            });
+            union = Some(
+                store
+                    .save(&target, SnapshotKind::Union, ids)
+                    .await
+                    .map_err(|e| Failure::store(&e))?,
+            );
         }
 
         self.tracker.phase(ExportPhase::WritingKameleoon);
@@ -186,10 +194,19 @@ impl Job<'_> {
         self.send(&credentials, &target, kind, changes).await?;
 
         if steps.exported_after {
-            store
-                .save(&target, SnapshotKind::Exported, read.members.iter().map(Ok))
-                .await
-                .map_err(|e| Failure::store(&e))?;
+            let saved = match union.filter(|_| left == 0) {
+                // Without leavers the union holds exactly the members.
+                Some(encoded) => {
+                    store
+                        .save_encoded(&target, SnapshotKind::Exported, &encoded)
+                        .await
+                }
+                None => store
+                    .save(&target, SnapshotKind::Exported, read.members.iter().map(Ok))
+                    .await
+                    .map(|_| ()),
+            };
+            saved.map_err(|e| Failure::store(&e))?;
         }
         Ok(report(false))
     }
@@ -455,8 +472,8 @@ impl Job<'_> {
             self.check_abort()?;
             let page = request.page;
             let result = reader.page(cohort.id, page, request.session_id).await;
-            let data = match result {
-                Ok(data) => data,
+            let body = match result {
+                Ok(body) => body,
                 Err(error @ mixpanel::Error::SessionExpired { .. }) => {
                     return Err(ReadError::SessionExpired(error));
                 }
@@ -468,21 +485,28 @@ impl Job<'_> {
                 }
                 Err(error) => return Err(ReadError::Failed(Failure::mixpanel(&error))),
             };
+            let data = body
+                .parse()
+                .map_err(|e| ReadError::Failed(Failure::mixpanel(&e)))?;
             paging
                 .record(&data)
                 .map_err(|e| ReadError::Failed(Failure::mixpanel(&e)))?;
 
             for profile in &data.results {
-                match identity::resolve(&profile.distinct_id, profile.properties.as_ref(), match_by)
-                {
+                let mapping_id = profile
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.mapping_id.as_ref())
+                    .and_then(|m| m.string());
+                match identity::resolve_text(profile.distinct_id.text(), mapping_id, match_by) {
                     Identity::Member(id) => builder.push(&id),
                     Identity::Anonymous => anonymous += 1,
                     Identity::Invalid(kind) => {
                         let entry = invalid.entry(kind).or_insert_with(|| {
-                            let text = match &profile.distinct_id {
-                                serde_json::Value::String(s) => s.clone(),
-                                other => other.to_string(),
-                            };
+                            let text = profile
+                                .distinct_id
+                                .text()
+                                .unwrap_or(Cow::Borrowed("(none)"));
                             (0, identity::abbreviate(&text))
                         });
                         entry.0 += 1;
@@ -545,7 +569,7 @@ impl Job<'_> {
             custom_data = %old.target.custom_data_name,
             "Clearing members exported under the previous cohort or custom data"
         );
-        let changes = old.ids().map(|id| id.map(|id| (id, false)));
+        let changes = old.ids().map(|id| id.map(|id| (Cow::Owned(id), false)));
         send_lines(self, credentials, &old.target, old.members, changes).await
     }
 
@@ -558,10 +582,12 @@ impl Job<'_> {
     ) -> Result<(), Failure> {
         let lines = changes.filter_map(move |change| match change {
             Err(e) => Some(Err(e)),
-            Ok(Change::Joined(id)) => Some(Ok((id.to_string(), true))),
-            Ok(Change::Stayed(id)) if kind == ExportKind::Full => Some(Ok((id.to_string(), true))),
+            Ok(Change::Joined(id)) => Some(Ok((Cow::Borrowed(id), true))),
+            Ok(Change::Stayed(id)) if kind == ExportKind::Full => {
+                Some(Ok((Cow::Borrowed(id), true)))
+            }
             Ok(Change::Stayed(_)) => None,
-            Ok(Change::Left(id)) => Some(Ok((id, false))),
+            Ok(Change::Left(id)) => Some(Ok((Cow::Owned(id), false))),
         });
         send_lines(self, credentials, target, 0, lines).await
     }
@@ -663,7 +689,7 @@ async fn send_lines(
     credentials: &ConnectionCredentials,
     target: &Target,
     expected: u64,
-    lines: impl Iterator<Item = io::Result<(String, bool)>>,
+    lines: impl Iterator<Item = io::Result<(Cow<'_, str>, bool)>>,
 ) -> Result<(), Failure> {
     let max_bytes = job.scope.shared.config.max_body_bytes;
     let mut writer = BatchWriter::new(target.custom_data_index, target.match_by, max_bytes);

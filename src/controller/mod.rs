@@ -301,6 +301,13 @@ where
     }
 }
 
+/// Drops `metadata.managedFields` from watched objects before they are
+/// cached: the controllers never read them, and with server-side apply they
+/// are often the largest part of an object.
+fn drop_managed_fields<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
 /// Logs watch failures as errors naming the resource, and marks the process
 /// unready until the watch recovers: a controller that cannot watch must
 /// not look healthy.
@@ -343,6 +350,7 @@ async fn run_scope(shared: Arc<Shared>, namespace: Option<String>) {
         health.clone(),
     )
     .default_backoff()
+    .modify(drop_managed_fields)
     .reflect_shared(connection_writer)
     .take_until(shared.shutdown.clone().cancelled_owned())
     .for_each(move |event| {
@@ -371,6 +379,7 @@ async fn run_scope(shared: Arc<Shared>, namespace: Option<String>) {
         health.clone(),
     )
     .default_backoff()
+    .modify(drop_managed_fields)
     .reflect(sync_writer)
     .touched_objects()
     .predicate_filter(sync_trigger, Default::default());
@@ -393,6 +402,7 @@ async fn run_scope(shared: Arc<Shared>, namespace: Option<String>) {
         health.clone(),
     )
     .default_backoff()
+    .modify(drop_managed_fields)
     .touched_objects();
     let secret_store = connections.clone();
     let connection_controller = connection_controller

@@ -10,7 +10,7 @@ use super::Shared;
 use super::progress::Tracker;
 use crate::budget::{ProjectBudget, ProjectKey, Wait};
 use crate::conditions::reasons;
-use crate::mixpanel::{self, Cohort, EngagePage, ProjectAccess};
+use crate::mixpanel::{self, Cohort, PageBody, ProjectAccess};
 use crate::retry::retry;
 
 /// Pause applied to a project after a 429 that names no `Retry-After`.
@@ -86,7 +86,7 @@ impl<'a> ProjectReader<'a> {
         cohort_id: i64,
         page: u64,
         session_id: Option<&str>,
-    ) -> Result<EngagePage, mixpanel::Error> {
+    ) -> Result<PageBody, mixpanel::Error> {
         // NOTE: whether Mixpanel counts follow-up pages of one query toward
         // the hourly allowance is not documented; by default only the first
         // page spends the budget, and --count-follow-up-pages changes that.

@@ -14,6 +14,21 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// Formats one event setting the cohort's Boolean custom data for a user.
 pub fn line(index: i64, member: bool, id: &str, match_by: MatchBy, nonce: &str) -> String {
+    let mut out = String::with_capacity(128 + id.len() * 3);
+    write_line(&mut out, index, member, id, match_by, Some(nonce));
+    out
+}
+
+/// Appends the line [`line`] formats to `out`, without allocating; without a
+/// `nonce`, a random one is written.
+fn write_line(
+    out: &mut String,
+    index: i64,
+    member: bool,
+    id: &str,
+    match_by: MatchBy,
+    nonce: Option<&str>,
+) {
     let values = if member {
         "%7B%22true%22%3A1%7D"
     } else {
@@ -23,14 +38,29 @@ pub fn line(index: i64, member: bool, id: &str, match_by: MatchBy, nonce: &str) 
         MatchBy::VisitorCode => "visitorCode",
         MatchBy::MappingIdentifier => "mappingValue",
     };
-    let mut out = String::with_capacity(128 + id.len() * 3);
-    write!(
-        out,
-        "eventType=customData&index={index}&valuesCountMap={values}&overwrite=true&nonce={nonce}&{key}="
-    )
-    .expect("writing to a String cannot fail");
-    out.extend(form_urlencoded::byte_serialize(id.as_bytes()));
-    out
+    out.push_str("eventType=customData&index=");
+    write!(out, "{index}").expect("writing to a String cannot fail");
+    out.push_str("&valuesCountMap=");
+    out.push_str(values);
+    out.push_str("&overwrite=true&nonce=");
+    match nonce {
+        Some(nonce) => out.push_str(nonce),
+        None => push_nonce(out),
+    }
+    out.push('&');
+    out.push_str(key);
+    out.push('=');
+    encode_value(out, id);
+}
+
+/// Appends a form-encoded value: characters that need no escaping are copied
+/// as they are, which covers most identifiers.
+fn encode_value(out: &mut String, value: &str) {
+    if value.bytes().all(is_plain) {
+        out.push_str(value);
+    } else {
+        out.extend(form_urlencoded::byte_serialize(value.as_bytes()));
+    }
 }
 
 /// Length in bytes of the line [`line`] formats, computed without formatting it.
@@ -42,17 +72,44 @@ pub fn line_len(index: i64, member: bool, id: &str, match_by: MatchBy) -> usize 
         MatchBy::VisitorCode => "visitorCode".len(),
         MatchBy::MappingIdentifier => "mappingValue".len(),
     };
-    let encoded: usize = form_urlencoded::byte_serialize(id.as_bytes())
-        .map(str::len)
-        .sum();
-    fixed + index.to_string().len() + values + key + encoded
+    let digits = index
+        .unsigned_abs()
+        .checked_ilog10()
+        .map_or(1, |d| d as usize + 1);
+    let sign = usize::from(index < 0);
+    fixed + sign + digits + values + key + encoded_len(id)
+}
+
+/// Length of a form-encoded value, with the same fast path as [`encode_value`].
+fn encoded_len(value: &str) -> usize {
+    if value.bytes().all(is_plain) {
+        value.len()
+    } else {
+        form_urlencoded::byte_serialize(value.as_bytes())
+            .map(str::len)
+            .sum()
+    }
+}
+
+/// Whether a byte passes form encoding unchanged.
+fn is_plain(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'*')
 }
 
 /// Returns 16 random upper-case hexadecimal characters, the nonce form the
 /// Kameleoon SDKs send so the service can drop a repeated event.
 pub fn nonce() -> String {
+    let mut out = String::with_capacity(16);
+    push_nonce(&mut out);
+    out
+}
+
+fn push_nonce(out: &mut String) {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
     let value: u64 = rand::rng().random();
-    format!("{value:016X}")
+    for shift in (0..16).rev() {
+        out.push(char::from(DIGITS[((value >> (shift * 4)) & 0xF) as usize]));
+    }
 }
 
 /// Packs lines into request bodies no larger than a byte limit.
@@ -67,8 +124,8 @@ pub struct BatchWriter {
 /// A request body ready to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
-    /// Lines joined by `\n`.
-    pub body: String,
+    /// Lines joined by `\n`; cheap to clone for a retry.
+    pub body: bytes::Bytes,
     /// Number of events in the body.
     pub lines: usize,
 }
@@ -87,22 +144,23 @@ impl BatchWriter {
 
     /// Adds an event; returns the previous body when this event did not fit in it.
     pub fn push(&mut self, id: &str, member: bool) -> Option<Batch> {
-        let line = line(self.index, member, id, self.match_by, &nonce());
-        let needed = if self.lines == 0 {
-            line.len()
-        } else {
-            line.len() + 1
-        };
-        let full = if self.lines > 0 && self.body.len() + needed > self.max_bytes {
-            self.take()
-        } else {
-            None
-        };
+        // The line is written in place and moved to the next body only in
+        // the rare case that it does not fit, so each line is formatted once.
+        let mark = self.body.len();
         if self.lines > 0 {
             self.body.push('\n');
         }
-        self.body.push_str(&line);
+        write_line(&mut self.body, self.index, member, id, self.match_by, None);
         self.lines += 1;
+        if self.lines == 1 || self.body.len() <= self.max_bytes {
+            return None;
+        }
+        let line = self.body[mark + 1..].to_string();
+        self.body.truncate(mark);
+        self.lines -= 1;
+        let full = self.take();
+        self.body.push_str(&line);
+        self.lines = 1;
         full
     }
 
@@ -115,10 +173,9 @@ impl BatchWriter {
         if self.lines == 0 {
             return None;
         }
-        let body = std::mem::replace(
-            &mut self.body,
-            String::with_capacity(self.max_bytes.min(1 << 20)),
-        );
+        // The next body grows as lines arrive: a small export should not
+        // hold a buffer of the full body size.
+        let body = bytes::Bytes::from(std::mem::take(&mut self.body));
         let lines = std::mem::take(&mut self.lines);
         Some(Batch { body, lines })
     }
@@ -130,17 +187,17 @@ pub fn split(batch: &Batch) -> Option<(Batch, Batch)> {
     if batch.lines < 2 {
         return None;
     }
-    let lines: Vec<&str> = batch.body.split('\n').collect();
+    let lines: Vec<&[u8]> = batch.body.split(|b| *b == b'\n').collect();
     let middle = lines.len() / 2;
-    let first = lines[..middle].join("\n");
-    let second = lines[middle..].join("\n");
+    let first = lines[..middle].join(&b'\n');
+    let second = lines[middle..].join(&b'\n');
     Some((
         Batch {
-            body: first,
+            body: first.into(),
             lines: middle,
         },
         Batch {
-            body: second,
+            body: second.into(),
             lines: lines.len() - middle,
         },
     ))
@@ -186,6 +243,8 @@ mod tests {
             (3, true, "user 42/é", MatchBy::VisitorCode),
             (1234, false, "crm-1", MatchBy::MappingIdentifier),
             (0, true, "x", MatchBy::VisitorCode),
+            (-7, true, "plain-id_1.2*", MatchBy::VisitorCode),
+            (100, false, "ü-用户 +&=", MatchBy::MappingIdentifier),
         ] {
             let formatted = line(index, member, id, match_by, &nonce());
             assert_eq!(
@@ -224,7 +283,7 @@ mod tests {
         );
         assert!(batches.iter().all(|b| b.body.len() <= limit));
         assert_eq!(batches[0].body.len(), limit);
-        assert_eq!(batches[0].body.matches('\n').count(), 2);
+        assert_eq!(batches[0].body.iter().filter(|b| **b == b'\n').count(), 2);
     }
 
     #[test]
@@ -264,8 +323,8 @@ mod tests {
             lines: 3,
         };
         let (x, y) = split(&batch).unwrap();
-        assert_eq!((x.body.as_str(), x.lines), ("a", 1));
-        assert_eq!((y.body.as_str(), y.lines), ("b\nc", 2));
+        assert_eq!((&x.body[..], x.lines), (&b"a"[..], 1));
+        assert_eq!((&y.body[..], y.lines), (&b"b\nc"[..], 2));
         assert!(
             split(&Batch {
                 body: "a".into(),

@@ -368,7 +368,7 @@ impl KameleoonClient {
         &self,
         credentials: &Credentials,
         site_code: &str,
-        body: &str,
+        body: &bytes::Bytes,
     ) -> Result<(), Error> {
         let mut url = self.endpoints.data.clone();
         url.set_path("/visit/events");
@@ -379,7 +379,7 @@ impl KameleoonClient {
                 self.http
                     .post(url.clone())
                     .header(reqwest::header::CONTENT_TYPE, "text/plain")
-                    .body(body.to_string())
+                    .body(body.clone())
             },
             body.len(),
             false,

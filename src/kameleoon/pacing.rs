@@ -54,8 +54,16 @@ impl Pacer {
                 let mut starts = self.starts.lock().expect("pacer lock");
                 let history = starts.entry(client.to_string()).or_default();
                 let now = Instant::now();
-                let longest = self.limits.iter().map(|l| l.window).max().unwrap_or_default();
-                while history.front().is_some_and(|t| now.duration_since(*t) >= longest) {
+                let longest = self
+                    .limits
+                    .iter()
+                    .map(|l| l.window)
+                    .max()
+                    .unwrap_or_default();
+                while history
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= longest)
+                {
                     history.pop_front();
                 }
                 match self.wait_for(history, now) {
@@ -84,7 +92,11 @@ impl Pacer {
                 }
                 // The request that leaves the window first makes room.
                 let frees = in_window[in_window.len() - limit.requests];
-                Some((*frees + limit.window).saturating_duration_since(now).max(Duration::from_millis(1)))
+                Some(
+                    (*frees + limit.window)
+                        .saturating_duration_since(now)
+                        .max(Duration::from_millis(1)),
+                )
             })
             .max()
     }

@@ -7,15 +7,16 @@
 //! [`crate::retry`].
 
 mod error;
+mod page;
 pub mod paging;
 
 pub use error::Error;
+pub use page::{EngagePage, PageBody, Profile, Properties, Scalar};
 
 use std::time::Duration;
 
 use reqwest::{Client, StatusCode, Url};
 use serde::Deserialize;
-use serde_json::Value;
 
 use crate::crd::Region;
 use crate::http::USER_AGENT;
@@ -56,41 +57,6 @@ pub struct Cohort {
     /// Members, with or without a profile.
     #[serde(default)]
     pub count: Option<i64>,
-}
-
-/// One page of cohort members.
-#[derive(Debug, Deserialize)]
-pub struct EngagePage {
-    /// Page number, from 0.
-    #[serde(default)]
-    pub page: u64,
-    /// Largest number of results a page holds.
-    #[serde(default = "default_page_size")]
-    pub page_size: u64,
-    /// Session that the following pages must name.
-    #[serde(default)]
-    pub session_id: Option<String>,
-    /// Profiles matched by the query; Mixpanel sends it on the first page only.
-    #[serde(default)]
-    pub total: Option<u64>,
-    /// Profiles of the page.
-    #[serde(default)]
-    pub results: Vec<Profile>,
-}
-
-fn default_page_size() -> u64 {
-    PAGE_SIZE
-}
-
-/// A profile as the Engage API returns it.
-#[derive(Debug, Deserialize)]
-pub struct Profile {
-    /// Distinct id: a string, though the API reference types it as a number.
-    #[serde(rename = "$distinct_id", default)]
-    pub distinct_id: Value,
-    /// The properties asked for.
-    #[serde(rename = "$properties", default)]
-    pub properties: Option<Value>,
 }
 
 /// Base URLs of the Query API per region, or one override for all of them.
@@ -166,7 +132,7 @@ impl MixpanelClient {
             .await
             .map_err(Error::Transport)?;
         let body = read_success(response, access, false).await?;
-        serde_json::from_str(&body).map_err(|e| Error::Decode(format!("cohort list: {e}")))
+        serde_json::from_slice(&body).map_err(|e| Error::Decode(format!("cohort list: {e}")))
     }
 
     /// Reads one page of a cohort's profiles. Page 0 starts a query (and costs
@@ -177,7 +143,7 @@ impl MixpanelClient {
         cohort_id: i64,
         page: u64,
         session_id: Option<&str>,
-    ) -> Result<EngagePage, Error> {
+    ) -> Result<PageBody, Error> {
         let url = self.url(access, "/api/query/engage");
         let filter = serde_json::json!({ "id": cohort_id }).to_string();
         let output = serde_json::json!([MAPPING_PROPERTY]).to_string();
@@ -205,7 +171,7 @@ impl MixpanelClient {
             .await
             .map_err(Error::Transport)?;
         let body = read_success(response, access, page > 0).await?;
-        serde_json::from_str(&body).map_err(|e| Error::Decode(format!("engage page {page}: {e}")))
+        Ok(PageBody::new(body, page))
     }
 }
 
@@ -214,16 +180,17 @@ async fn read_success(
     response: reqwest::Response,
     access: &ProjectAccess,
     continuing_session: bool,
-) -> Result<String, Error> {
+) -> Result<bytes::Bytes, Error> {
     let status = response.status();
     let retry_after = crate::http::retry_after(response.headers());
-    let body = response.text().await.map_err(Error::Transport)?;
+    // Successful bodies go to the JSON parser as bytes, without a text copy.
+    let body = response.bytes().await.map_err(Error::Transport)?;
     if status.is_success() {
         return Ok(body);
     }
     Err(Error::from_response(
         status,
-        &body,
+        &String::from_utf8_lossy(&body),
         retry_after,
         access.project_id,
         continuing_session,

@@ -109,19 +109,18 @@ impl Paging {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mixpanel::Profile;
-    use serde_json::json;
+    use crate::mixpanel::{Profile, Scalar};
 
     const PAGE_SIZE: u64 = 1000;
 
     /// Builds one page of a cohort of `cohort_size` profiles, as Mixpanel serves it:
     /// `session_id` on every page, `total` on page 0 only.
-    fn page(number: u64, cohort_size: u64) -> EngagePage {
+    fn page(number: u64, cohort_size: u64) -> EngagePage<'static> {
         let start = number * PAGE_SIZE;
         let end = cohort_size.min(start + PAGE_SIZE);
         let results = (start..end.max(start))
             .map(|i| Profile {
-                distinct_id: json!(format!("u-{i}")),
+                distinct_id: Scalar::Text(format!("u-{i}").into()),
                 properties: None,
             })
             .collect();

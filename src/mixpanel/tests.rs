@@ -116,6 +116,6 @@ fn engage_page_accepts_numeric_ids_and_missing_total() {
     .unwrap();
     assert_eq!(page.total, None);
     assert_eq!(page.results.len(), 2);
-    assert_eq!(page.results[0].distinct_id, serde_json::json!(42));
+    assert_eq!(page.results[0].distinct_id, Scalar::Number("42".into()));
     assert!(page.results[1].properties.is_none());
 }

@@ -1183,7 +1183,7 @@ async fn two_million_member_snapshot_round_trips() -> Result<()> {
             set.iter().map(Ok::<_, io::Error>),
         )
         .await?;
-    assert_eq!(written, 2_000_000);
+    assert_eq!(written.members, 2_000_000);
     let secrets = member_secrets(&env).await?;
     assert!(secrets.len() >= 2, "{} chunks", secrets.len());
     for secret in &secrets {
