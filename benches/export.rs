@@ -367,16 +367,18 @@ async fn wait_exported(api: &Api<CohortSync>, name: &str, timeout: Duration) -> 
     .await
 }
 
-/// Sum of the Data API line lengths (and separators) that `ids` need: the
-/// least number of bytes any exporter must send.
+/// Sum of the Data API line lengths that `ids` need, and the number of
+/// lines. A body joins its lines with one byte each, so `r` requests carry at
+/// least `sum + lines - r` bytes, and no exporter needs fewer requests than
+/// `(sum + lines) / (max + 1)`, rounded up.
 fn line_bytes<'a>(index: i64, ids: impl Iterator<Item = &'a String>) -> (u64, u64) {
     let mut bytes = 0u64;
     let mut lines = 0u64;
     for id in ids {
-        bytes += events::line_len(index, true, id, MatchBy::VisitorCode) as u64 + 1;
+        bytes += events::line_len(index, true, id, MatchBy::VisitorCode) as u64;
         lines += 1;
     }
-    (bytes.saturating_sub(1), lines)
+    (bytes, lines)
 }
 
 async fn export_size(
@@ -461,7 +463,10 @@ async fn export_size(
         .expect("custom data exists");
     let values = standins.kameleoon.state(SITE, custom_data.index)?;
     let members = values.with_value(IdentifierKind::VisitorCode, "true");
-    let (bytes_needed, lines) = line_bytes(i64::from(custom_data.index), members.iter());
+    let (line_sum, lines) = line_bytes(i64::from(custom_data.index), members.iter());
+    let max = events::MAX_BODY_BYTES as u64;
+    let requests_needed = (line_sum + lines).div_ceil(max + 1);
+    let sent = events.len() as u64;
     let pages_needed = profiles / 1000 + 1;
 
     let peer_result = if peer {
@@ -485,8 +490,8 @@ async fn export_size(
         "mixpanel_lower_bound": format!("{pages_needed} pages + at most 1 cohort lookup"),
         "kameleoon_event_requests": events.len(),
         "kameleoon_event_bytes": event_bytes,
-        "kameleoon_lower_bound_requests": bytes_needed.div_ceil(events::MAX_BODY_BYTES as u64),
-        "kameleoon_lower_bound_bytes": bytes_needed,
+        "kameleoon_lower_bound_requests": requests_needed,
+        "kameleoon_bytes_needed_for_these_requests": (line_sum + lines).saturating_sub(sent),
         "kameleoon_automation_requests": automation,
         "peer": peer_result,
     }))
