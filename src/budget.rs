@@ -5,7 +5,10 @@
 //! of concurrent queries, whoever sends them. The operator spends the
 //! allowance through one [`ProjectBudget`] per project so that it never causes
 //! a 429 itself: a caller waits for a concurrency slot and, for requests that
-//! start a query, for room in the sliding hour. A 429 that arrives anyway
+//! start a query, for room in the sliding hour. A query occupies the hour
+//! from the moment its response arrives, not from when it was sent: Mixpanel
+//! counts it from some instant in between, so counting from the end never
+//! lets a slow request overlap the next window. A 429 that arrives anyway
 //! (another client of the same project) pauses the whole project for the
 //! wait Mixpanel asked for.
 
@@ -84,19 +87,29 @@ struct State {
     limits: Limits,
     window: Duration,
     in_flight: u32,
-    started: VecDeque<Instant>,
+    /// Queries in the sliding window, oldest first, by id and by the instant
+    /// they count from (their admission until they finish).
+    started: VecDeque<(u64, Instant)>,
+    next_query: u64,
     paused_until: Option<Instant>,
 }
 
 /// A slot of the project's concurrency, released on drop.
 pub struct Permit {
     budget: Arc<ProjectBudget>,
+    query: Option<u64>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut state = self.budget.state.lock().expect("budget lock");
         state.in_flight -= 1;
+        if let Some(query) = self.query {
+            let now = Instant::now();
+            if let Some(entry) = state.started.iter_mut().rev().find(|(id, _)| *id == query) {
+                entry.1 = entry.1.max(now);
+            }
+        }
         drop(state);
         self.budget.changed.notify_waiters();
     }
@@ -121,6 +134,7 @@ impl ProjectBudget {
                 window,
                 in_flight: 0,
                 started: VecDeque::new(),
+                next_query: 0,
                 paused_until: None,
             }),
             changed: Notify::new(),
@@ -154,11 +168,15 @@ impl ProjectBudget {
                 match state.admit(now, new_query) {
                     None => {
                         state.in_flight += 1;
-                        if new_query && state.limits.per_hour > 0 {
-                            state.started.push_back(now);
-                        }
+                        let query = (new_query && state.limits.per_hour > 0).then(|| {
+                            let id = state.next_query;
+                            state.next_query += 1;
+                            state.started.push_back((id, now));
+                            id
+                        });
                         return Permit {
                             budget: Arc::clone(self),
+                            query,
                         };
                     }
                     Some(wait) => wait,
@@ -206,7 +224,7 @@ impl ProjectBudget {
         let first_free = state
             .started
             .front()
-            .map(|t| (*t + state.window).saturating_duration_since(now))
+            .map(|(_, t)| (*t + state.window).saturating_duration_since(now))
             .unwrap_or_default();
         first_free
             + state
@@ -229,10 +247,12 @@ impl ProjectBudget {
 
 impl State {
     fn expire(&mut self, now: Instant) {
+        // Entries finish out of order, so one that finished late can keep an
+        // older one ahead of it: that only overcounts, never undercounts.
         while self
             .started
             .front()
-            .is_some_and(|t| now.duration_since(*t) >= self.window)
+            .is_some_and(|(_, t)| now.duration_since(*t) >= self.window)
         {
             self.started.pop_front();
         }
@@ -251,7 +271,7 @@ impl State {
         self.expire(now);
         let per_hour = self.limits.per_hour as usize;
         if new_query && per_hour > 0 && self.started.len() >= per_hour {
-            let oldest = *self.started.front().expect("a full window has entries");
+            let (_, oldest) = *self.started.front().expect("a full window has entries");
             return Some(Wait::Hourly(
                 (oldest + self.window).saturating_duration_since(now),
             ));
@@ -298,6 +318,17 @@ mod tests {
                 "start {i} had {in_window} others in its hour"
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn query_counts_from_when_its_answer_arrived() {
+        let b = budget(1, 5);
+        let start = Instant::now();
+        let slow = b.acquire(true, |_| {}).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        drop(slow);
+        drop(b.acquire(true, |_| {}).await);
+        assert_eq!(start.elapsed(), HOUR + Duration::from_secs(5));
     }
 
     #[tokio::test(start_paused = true)]
