@@ -318,13 +318,11 @@ fn spawn_operator(standins: &Standins, kubeconfig: &str, extra: &[&str]) -> Resu
         "warn",
     ];
     args.extend_from_slice(extra);
-    // MALLOC_ARENA_MAX is passed on, so a run can compare glibc settings.
-    let arenas = std::env::var("MALLOC_ARENA_MAX").unwrap_or_default();
-    let mut env = vec![("KUBECONFIG", kubeconfig)];
-    if !arenas.is_empty() {
-        env.push(("MALLOC_ARENA_MAX", arenas.as_str()));
-    }
-    Operator::spawn(env!("CARGO_BIN_EXE_kameleoon-cohort-operator"), &args, &env)
+    Operator::spawn(
+        env!("CARGO_BIN_EXE_kameleoon-cohort-operator"),
+        &args,
+        &[("KUBECONFIG", kubeconfig)],
+    )
 }
 
 /// Resident set size now, from `/proc/<pid>/status`.
@@ -687,6 +685,7 @@ async fn scale(
     let user = "system:serviceaccount:bench-operator:operator";
 
     let started = Instant::now();
+    let started_ms = chrono_now_ms();
     let mut operator = spawn_operator(&standins, &kubeconfig, &[])?;
     let api: Api<CohortSync> = Api::all(cluster.client());
     let ready_count = || async {
@@ -722,6 +721,7 @@ async fn scale(
     )
     .await?;
     let first_exports = started.elapsed();
+    let first_exports_requests = audit_requests(&audit_log, user, started_ms, chrono_now_ms())?;
 
     // At rest: let watches settle for a third of the window, then count
     // the requests of one window.
@@ -741,8 +741,10 @@ async fn scale(
         .iter()
         .filter(|r| r.path.ends_with("/engage"))
         .count();
+    let restarted_ms = chrono_now_ms();
     let mut operator = spawn_operator(&standins, &kubeconfig, &[])?;
     tokio::time::sleep(window).await;
+    let restart_requests = audit_requests(&audit_log, user, restarted_ms, chrono_now_ms())?;
     let engage_after = standins
         .mixpanel
         .requests()
@@ -767,7 +769,9 @@ async fn scale(
         "rest_rss_after_minute_mib": rest_rss_after as f64 / 1048576.0,
         "api_requests_per_minute_at_rest": total as f64 * 60.0 / window.as_secs_f64(),
         "api_writes_per_minute_at_rest": writes as f64 * 60.0 / window.as_secs_f64(),
-        "api_requests_by_verb": requests,
+        "api_requests_by_verb_at_rest": requests,
+        "api_requests_by_verb_during_first_exports": first_exports_requests,
+        "api_requests_by_verb_after_restart": restart_requests,
         "exports_in_minute_after_restart": engage_after - engage_before,
         "restart_rss_mib": restart_rss as f64 / 1048576.0,
     }))

@@ -138,6 +138,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub count_follow_up_pages: bool,
 
+    /// Requests to the Kubernetes API server in flight at once, watches
+    /// excepted once they stream. Each one may need its own connection, so
+    /// this also bounds the connections a burst of reconciliations opens.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub kube_api_concurrency: u16,
+
     /// Exports that run at once per Mixpanel project.
     #[arg(long, default_value_t = 2)]
     pub exports_per_project: usize,

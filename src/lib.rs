@@ -9,6 +9,7 @@ pub mod http;
 pub mod identity;
 pub mod kameleoon;
 pub mod members;
+pub mod memory;
 pub mod metrics;
 pub mod mixpanel;
 pub mod retry;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use kube::api::{Api, ListParams};
 use kube::runtime::events::Reporter;
 use tokio_util::sync::CancellationToken;
+use tower::limit::ConcurrencyLimitLayer;
 
 use crate::cli::RunArgs;
 use crate::controller::{self, Clients, Shared};
@@ -40,9 +41,24 @@ pub enum Error {
     LostLease,
 }
 
+/// Builds the Kubernetes client from the kubeconfig or the in-cluster
+/// environment, with at most `concurrency` requests in flight. The client
+/// speaks HTTP/1.1 and keeps every idle connection, so without a limit a
+/// thousand syncs reconciled at once would open, and then keep, a thousand
+/// TLS connections. A watch holds its slot only until the response starts.
+async fn kube_client(concurrency: u16) -> Result<kube::Client, Error> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| Error::Config(kube::Error::InferConfig(e)))?;
+    let builder = kube::client::ClientBuilder::try_from(config).map_err(Error::Config)?;
+    Ok(builder
+        .with_layer(&ConcurrencyLimitLayer::new(usize::from(concurrency)))
+        .build())
+}
+
 /// Runs the operator until SIGTERM or SIGINT.
 pub async fn run(args: RunArgs) -> Result<(), Error> {
-    let client = kube::Client::try_default().await.map_err(Error::Config)?;
+    let client = kube_client(args.kube_api_concurrency).await?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
 
@@ -98,6 +114,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         health,
     ));
 
+    tokio::spawn(shared.exports.clone().release_when_idle(shutdown.clone()));
     let result = if args.leader_elect {
         run_as_leader(&args, client, identity, shared, &shutdown).await
     } else {

@@ -78,6 +78,7 @@ impl Job<'_> {
     /// Runs the export.
     pub async fn run(&self) -> Result<Report, Failure> {
         let shared = &self.scope.shared;
+        let _active = shared.exports.start();
         let namespace = self.sync.namespace().unwrap_or_default();
         let credentials = credentials::read(&shared.client, &namespace, &self.connection.spec)
             .await
@@ -819,6 +820,7 @@ pub async fn clear_snapshot(
     snapshot: &Snapshot,
     tracker: &Tracker,
 ) -> Result<(), Failure> {
+    let _active = scope.shared.exports.start();
     let namespace = sync.namespace().unwrap_or_default();
     let credentials = credentials::read(&scope.shared.client, &namespace, &connection.spec)
         .await

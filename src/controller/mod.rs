@@ -113,6 +113,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Readiness state, which failing watches mark.
     pub health: Arc<crate::server::Health>,
+    /// Running exports, so that memory is released after the last one.
+    pub exports: Arc<crate::memory::ExportActivity>,
     cohorts: Mutex<HashMap<ProjectKey, CachedCohorts>>,
     custom_data: Mutex<HashMap<i64, CachedCustomData>>,
     export_slots: Mutex<HashMap<ProjectKey, Arc<Semaphore>>>,
@@ -133,6 +135,7 @@ impl Shared {
     ) -> Self {
         Self {
             health,
+            exports: Arc::default(),
             recorder: Recorder::new(client.clone(), reporter),
             client,
             budgets: Budgets::with_window(config.query_window),

@@ -113,6 +113,7 @@ Each rule is there because the code makes that request:
   "requestTimeout" "--request-timeout"
   "maxBodyBytes" "--max-body-bytes"
   "exportsPerProject" "--exports-per-project"
+  "kubeApiConcurrency" "--kube-api-concurrency"
   "progressInterval" "--progress-interval"
   "cohortCacheTtl" "--cohort-cache-ttl"
   "mixpanelUrl" "--mixpanel-url"
