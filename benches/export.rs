@@ -154,22 +154,8 @@ fn machine() -> serde_json::Value {
 
 async fn install_crds(cluster: &Cluster) -> Result<()> {
     cluster
-        .apply("", &kameleoon_cohort_operator::crd::definitions_yaml()?)
-        .await?;
-    cluster
-        .kubectl(
-            &[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd",
-                "--all",
-            ],
-            None,
-        )
-        .await?
-        .ensure_success()?;
-    Ok(())
+        .apply_crds(&kameleoon_cohort_operator::crd::definitions_yaml()?)
+        .await
 }
 
 /// A realistic generated cohort: a few percent anonymous, some mapping ids,

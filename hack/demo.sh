@@ -44,7 +44,20 @@ kameleoon=$(sed -n 's/.*"kameleoon": "\(.*\)".*/\1/p' "$dir/urls.json")
 
 say "Installing the CRDs"
 kubectl apply -f crds/
-kubectl wait --for=condition=Established crd --all --timeout=60s >/dev/null
+# A definition this new may have no conditions yet, and `kubectl wait` fails
+# on that instead of waiting, so the loop reads the condition itself.
+for crd in kameleoonconnections.cohortsync.io cohortsyncs.cohortsync.io; do
+  for attempt in $(seq 120); do
+    established=$(kubectl get crd "$crd" \
+      -o jsonpath='{.status.conditions[?(@.type=="Established")].status}')
+    [ "$established" = True ] && break
+    if [ "$attempt" = 120 ]; then
+      echo "demo: CRD $crd was not established within 60s" >&2
+      exit 1
+    fi
+    sleep 0.5
+  done
+done
 
 say "Starting the operator (log: $dir/operator.log)"
 target/release/kameleoon-cohort-operator run \

@@ -6,9 +6,9 @@
 //! allowance through one [`ProjectBudget`] per project so that it never causes
 //! a 429 itself: a caller waits for a concurrency slot and, for requests that
 //! start a query, for room in the sliding hour. A query occupies the hour
-//! from the moment its response arrives, not from when it was sent: Mixpanel
-//! counts it from some instant in between, so counting from the end never
-//! lets a slow request overlap the next window. A 429 that arrives anyway
+//! from the moment its response arrives, not from when it was sent. Mixpanel
+//! counts it from some instant in between, so counting from the end keeps a
+//! slow request from overlapping the next window. A 429 that arrives anyway
 //! (another client of the same project) pauses the whole project for the
 //! wait Mixpanel asked for.
 
@@ -248,7 +248,7 @@ impl ProjectBudget {
 impl State {
     fn expire(&mut self, now: Instant) {
         // Entries finish out of order, so one that finished late can keep an
-        // older one ahead of it: that only overcounts, never undercounts.
+        // older one ahead of it. That only overcounts, never undercounts.
         while self
             .started
             .front()

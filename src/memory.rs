@@ -5,8 +5,8 @@
 //! bodies, snapshots. glibc keeps freed memory inside its heaps for reuse,
 //! so after a burst of exports (the first start with a thousand syncs, say)
 //! the process would stay tens of MiB larger than it needs to until the next
-//! burst. Once no export has run for a short while, the process asks glibc to
-//! release the free pages. Other allocators and C libraries need nothing.
+//! burst. Once no export has run for a short while, the process calls
+//! glibc's `malloc_trim` to release the free pages. Other allocators and C libraries need nothing.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -70,7 +70,7 @@ impl ExportActivity {
                 _ = tokio::time::sleep(QUIET) => {}
             }
             // An export that started during the pause notifies again when it
-            // ends; the release waits for that one.
+            // ends, and the release waits for that one.
             if self.running() == 0 {
                 release();
             }
@@ -82,7 +82,7 @@ impl ExportActivity {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn release_free_memory() {
-    // SAFETY: malloc_trim takes no pointers and has no preconditions; it
+    // SAFETY: malloc_trim takes no pointers and has no preconditions. It
     // walks glibc's own heaps under their locks, so any thread may call it
     // while others allocate.
     unsafe {

@@ -45,7 +45,7 @@ pub enum Error {
 /// environment, with at most `concurrency` requests in flight. The client
 /// speaks HTTP/1.1 and keeps every idle connection, so without a limit a
 /// thousand syncs reconciled at once would open, and then keep, a thousand
-/// TLS connections. A watch holds its slot only until the response starts.
+/// TLS connections. A watch occupies its slot only until the response starts.
 async fn kube_client(concurrency: u16) -> Result<kube::Client, Error> {
     let config = kube::Config::infer()
         .await

@@ -59,25 +59,7 @@ static CRDS: OnceCell<()> = OnceCell::const_new();
 async fn install_crds(cluster: &Cluster) -> Result<()> {
     CRDS.get_or_try_init(|| async {
         let yaml = kameleoon_cohort_operator::crd::definitions_yaml()?;
-        cluster.apply("", &yaml).await?;
-        for name in [
-            "kameleoonconnections.cohortsync.io",
-            "cohortsyncs.cohortsync.io",
-        ] {
-            cluster
-                .kubectl(
-                    &[
-                        "wait",
-                        "--for=condition=Established",
-                        "--timeout=60s",
-                        &format!("crd/{name}"),
-                    ],
-                    None,
-                )
-                .await?
-                .ensure_success()?;
-        }
-        Ok::<_, testkit::anyhow::Error>(())
+        cluster.apply_crds(&yaml).await
     })
     .await?;
     Ok(())

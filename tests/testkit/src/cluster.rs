@@ -6,9 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
+use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tokio::sync::OnceCell;
@@ -21,6 +23,9 @@ const CONTROL_PLANE_MARKER: &str = ".kco-control-plane";
 /// Upper bound for one kubectl run, so a hung request fails the test instead
 /// of stalling it.
 const KUBECTL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a new CustomResourceDefinition may take to be established.
+const CRD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A running control plane and the admin credentials for it.
 pub struct Cluster {
@@ -198,6 +203,22 @@ impl Cluster {
         }
         let output = self.kubectl(&args, Some(yaml)).await?.ensure_success()?;
         Ok(output.stdout)
+    }
+
+    /// Applies CustomResourceDefinitions and waits until each one is
+    /// established. It polls the objects rather than run `kubectl wait`,
+    /// which fails instead of waiting when a definition is so new that it has
+    /// no conditions yet.
+    pub async fn apply_crds(&self, yaml: &str) -> Result<()> {
+        self.apply("", yaml).await?;
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client());
+        for document in serde_yaml::Deserializer::from_str(yaml) {
+            let crd = CustomResourceDefinition::deserialize(document)
+                .context("parsing a CustomResourceDefinition")?;
+            let name = crd.metadata.name.unwrap_or_default();
+            crate::wait_condition(&crds, &name, "Established", "True", CRD_TIMEOUT).await?;
+        }
+        Ok(())
     }
 
     /// Applies manifests that the API server is expected to reject, such as an
