@@ -1630,3 +1630,168 @@ async fn event_create_forbidden_only_warns() -> Result<()> {
     assert!(errors.is_empty(), "{errors:#?}");
     Ok(())
 }
+
+/// Milliseconds since the Unix epoch, the clock of the stand-ins' records.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn rotated_secret_takes_effect_without_restart() -> Result<()> {
+    let mut env = Env::new("rotated-secret").await?;
+    env.start_operator(&[]).await?;
+    env.connect().await?;
+    env.apply(&sync_yaml(
+        "before",
+        "{id: 502}",
+        "OneTime",
+        "  customData: {name: mp_before}",
+    ))
+    .await?;
+    env.wait_sync("before", "the first export", exported)
+        .await?;
+    let pid = env.operator.as_ref().unwrap().pid();
+
+    // Kameleoon now accepts only the new client secret and has revoked the
+    // tokens issued for the old one, which the operator still caches.
+    env.kameleoon
+        .set_client_secret("growth-operator", "km-secret-2", true)?;
+    let rotated_at = now_ms();
+    env.apply(&secrets_yaml("mp-secret-1", "km-secret-2"))
+        .await?;
+
+    // The Secret change alone makes the connection validate again, long
+    // before its periodic validation (30 minutes).
+    wait_until(
+        Duration::from_secs(30),
+        "a token obtained with the rotated secret",
+        async || {
+            let fresh = env.kameleoon.requests().iter().any(|r| {
+                r.path == "/oauth/token" && r.status == 200 && r.started_at_ms >= rotated_at
+            });
+            if fresh {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!(
+                    "no successful token request since the rotation"
+                ))
+            }
+        },
+    )
+    .await?;
+    env.wait_connection("production", "Connected", "True", "Connected")
+        .await?;
+
+    // The next export uses the new credentials.
+    env.apply(&sync_yaml(
+        "after",
+        "{id: 501}",
+        "OneTime",
+        "  customData: {name: mp_after}",
+    ))
+    .await?;
+    env.wait_sync("after", "the export after the rotation", exported)
+        .await?;
+    assert_eq!(
+        env.members_in_kameleoon("mp_after"),
+        ["crm-200", "u-100", "u-300"]
+    );
+    assert_eq!(env.members_in_kameleoon("mp_before"), ["crm-200", "u-300"]);
+    let rejected: Vec<_> = env
+        .kameleoon
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.path == "/visit/events"
+                && r.started_at_ms >= rotated_at
+                && !(200..300).contains(&r.status)
+        })
+        .collect();
+    assert!(
+        rejected.is_empty(),
+        "Data API requests failed after the rotation: {rejected:?}"
+    );
+
+    // Same process throughout, and the new secret is nowhere in its log.
+    assert_eq!(env.operator.as_ref().unwrap().pid(), pid);
+    assert!(env.operator.as_mut().unwrap().try_wait()?.is_none());
+    assert!(!env.logs().contains("km-secret-2"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn deleted_secret_pauses_sync_until_recreated() -> Result<()> {
+    let mut env = Env::new("deleted-secret").await?;
+    env.start_operator(&[]).await?;
+    env.connect().await?;
+    env.apply(&sync_yaml(
+        "steady",
+        "{id: 502}",
+        "Dynamic",
+        "  interval: 2h\n  customData: {name: mp_steady}",
+    ))
+    .await?;
+    env.wait_sync("steady", "the first export", exported)
+        .await?;
+    let engage_before = env.engage_requests();
+    let events_before = env.event_requests();
+
+    env.cluster
+        .kubectl(
+            &[
+                "delete",
+                "secret",
+                "mixpanel-service-account",
+                "-n",
+                env.ns(),
+            ],
+            None,
+        )
+        .await?
+        .ensure_success()?;
+
+    // The connection reports the missing Secret by name, and the sync
+    // points at the connection.
+    let connection = env
+        .wait_connection("production", "Connected", "False", "SecretNotFound")
+        .await?;
+    let connected = connection
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Connected")
+        .unwrap();
+    assert!(
+        connected.message.contains("mixpanel-service-account"),
+        "{}",
+        connected.message
+    );
+    assert!(!connected.message.contains("mp-secret-1"));
+    let waiting = env
+        .wait_condition("steady", "Ready", "False", "ConnectionNotReady")
+        .await?;
+    let ready = condition(&waiting, "Ready").expect("Ready");
+    assert!(ready.message.contains("production"), "{}", ready.message);
+    assert_conditions_complete(&waiting);
+
+    // Nothing was read or sent meanwhile, and Kameleoon kept its members.
+    assert_eq!(env.engage_requests(), engage_before);
+    assert_eq!(env.event_requests(), events_before);
+    assert_eq!(env.members_in_kameleoon("mp_steady"), ["crm-200", "u-300"]);
+
+    // Recreating the Secret recovers both without waiting for the interval,
+    // and without an export that the schedule does not call for.
+    env.apply(&secrets_yaml("mp-secret-1", "km-secret-1"))
+        .await?;
+    env.wait_connection("production", "Connected", "True", "Connected")
+        .await?;
+    let recovered = env.wait_condition("steady", "Ready", "True", "").await?;
+    assert_conditions_complete(&recovered);
+    assert_eq!(env.event_requests(), events_before);
+    assert_eq!(env.members_in_kameleoon("mp_steady"), ["crm-200", "u-300"]);
+    Ok(())
+}
