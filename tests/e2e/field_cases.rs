@@ -1795,3 +1795,86 @@ async fn deleted_secret_pauses_sync_until_recreated() -> Result<()> {
     assert_eq!(env.members_in_kameleoon("mp_steady"), ["crm-200", "u-300"]);
     Ok(())
 }
+
+#[tokio::test]
+async fn large_cohort_streams_with_visible_progress() -> Result<()> {
+    const PROFILES: u64 = 200_000;
+    let mut env = Env::new("large-cohort").await?;
+    env.mixpanel
+        .set_cohort(PROJECT, generated_cohort(1901, "Large", PROFILES))?;
+    // Every page waits a little, so that the read lasts long enough for
+    // its progress to show in status.
+    env.mixpanel.add_fault(Fault {
+        times: 0,
+        ..Fault::delay(Route::Engage, 25)
+    });
+    env.start_operator(&[]).await?;
+    env.connect().await?;
+    env.apply(&sync_yaml(
+        "large",
+        "{id: 1901}",
+        "OneTime",
+        "  customData: {name: mp_large}",
+    ))
+    .await?;
+
+    env.wait_sync("large", "progress through the pages", |s| {
+        let reconciling = s
+            .status
+            .as_ref()
+            .and_then(|status| status.conditions.iter().find(|c| c.type_ == "Reconciling"))
+            .ok_or("not reconciling")?;
+        if reconciling.message.contains("Reading Mixpanel: page ") {
+            Ok(())
+        } else {
+            Err(reconciling.message.clone())
+        }
+    })
+    .await?;
+    let done = env.wait_sync("large", "the export", exported).await?;
+    assert_eq!(counts(&done).exported, PROFILES as i64);
+    assert_eq!(env.members_in_kameleoon("mp_large").len() as u64, PROFILES);
+
+    // Pages follow one another without a pause of the operator's own.
+    let pages = engage_for(&env, 1901);
+    assert_eq!(pages.len() as u64, PROFILES / 1000 + 1);
+    for pair in pages.windows(2) {
+        let gap = pair[1].started_at_ms.saturating_sub(pair[0].finished_at_ms);
+        assert!(
+            gap < 2000,
+            "{gap} ms between page {:?} and page {:?}",
+            pair[0].page,
+            pair[1].page
+        );
+    }
+
+    // Each Data API request stays within the size limit and was accepted.
+    let batches: Vec<_> = env
+        .kameleoon
+        .requests()
+        .into_iter()
+        .filter(|r| r.route == Some(Route::Events))
+        .collect();
+    assert!(batches.len() > 1, "{} Data API requests", batches.len());
+    for batch in &batches {
+        assert!(
+            batch.body_bytes <= 1024 * 1024,
+            "{} bytes",
+            batch.body_bytes
+        );
+        assert!(
+            (200..300).contains(&batch.status),
+            "status {}",
+            batch.status
+        );
+    }
+
+    // Identifiers are kept compactly, not as decoded profiles.
+    let usage = env.operator.as_ref().unwrap().usage()?;
+    assert!(
+        usage.peak_rss_bytes < 256 * 1024 * 1024,
+        "peak resident memory {} MiB",
+        usage.peak_rss_bytes / 1024 / 1024
+    );
+    Ok(())
+}
