@@ -50,6 +50,9 @@ pub mod reasons {
     pub const KAMELEOON_CREDENTIALS_REJECTED: &str = "KameleoonCredentialsRejected";
     /// The credentials cannot see the site code.
     pub const KAMELEOON_SITE_NOT_FOUND: &str = "KameleoonSiteNotFound";
+    /// `matchBy: MappingIdentifier`, but the site has no custom data marked
+    /// as its cross-device mapping identifier.
+    pub const KAMELEOON_MAPPING_IDENTIFIER_MISSING: &str = "KameleoonMappingIdentifierMissing";
     /// Kameleoon cannot be reached or answers with server errors.
     pub const KAMELEOON_UNAVAILABLE: &str = "KameleoonUnavailable";
     /// Kameleoon answered 429.

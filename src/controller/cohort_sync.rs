@@ -959,6 +959,7 @@ fn static_reason(reason: &str) -> &'static str {
         reasons::SECRET_INVALID,
         reasons::KAMELEOON_CREDENTIALS_REJECTED,
         reasons::KAMELEOON_SITE_NOT_FOUND,
+        reasons::KAMELEOON_MAPPING_IDENTIFIER_MISSING,
         reasons::KAMELEOON_UNAVAILABLE,
         reasons::KAMELEOON_RATE_LIMITED,
         reasons::KAMELEOON_REQUEST_REJECTED,

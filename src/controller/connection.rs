@@ -18,7 +18,7 @@ use super::failure::Failure;
 use super::reader::ProjectReader;
 use super::{Error, FIELD_MANAGER, Scope};
 use crate::conditions::{self, Status, Summary, reasons, types};
-use crate::crd::{KameleoonConnection, KameleoonConnectionStatus, SiteStatus};
+use crate::crd::{KameleoonConnection, KameleoonConnectionStatus, MatchBy, SiteStatus};
 use crate::credentials::{self, ConnectionCredentials};
 use crate::mixpanel::ProjectAccess;
 
@@ -266,6 +266,27 @@ async fn validate(
                 ),
             )
         })?;
+    if spec.kameleoon.match_by == MatchBy::MappingIdentifier {
+        // The Data API accepts `mappingValue` lines for a site without a
+        // mapping identifier and drops them later, so the export would look
+        // successful while no visitor gets the data.
+        let custom_data = shared
+            .kameleoon
+            .list_custom_data(&credentials.kameleoon, site.id)
+            .await
+            .map_err(|e| Failure::kameleoon(&e))?;
+        if !custom_data.iter().any(|c| c.is_mapping_identifier) {
+            return Err(Failure::stalled(
+                reasons::KAMELEOON_MAPPING_IDENTIFIER_MISSING,
+                format!(
+                    "spec.kameleoon.matchBy is MappingIdentifier, but Kameleoon site {} has no \
+                     custom data marked as its cross-device mapping identifier: mark one in \
+                     Kameleoon, or set matchBy to VisitorCode",
+                    spec.kameleoon.site_code
+                ),
+            ));
+        }
+    }
     let (key, budget) = scope.budget(connection);
     let access = ProjectAccess {
         project_id: spec.mixpanel.project_id,

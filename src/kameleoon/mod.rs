@@ -91,6 +91,10 @@ pub struct CustomData {
     /// Scope: PAGE, VISIT or VISITOR.
     #[serde(default)]
     pub scope: Option<String>,
+    /// Whether this is the site's cross-device mapping identifier, the
+    /// custom data whose values the Data API matches `mappingValue` against.
+    #[serde(default)]
+    pub is_mapping_identifier: bool,
 }
 
 /// Body of a custom data creation.

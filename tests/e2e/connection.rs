@@ -161,3 +161,48 @@ async fn unknown_site_code_is_reported() -> testkit::Result<()> {
         .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn mapping_identifier_needs_one_on_site() -> testkit::Result<()> {
+    let mut env = Env::new("conn-mapping").await?;
+    // The same site, without a custom data marked as mapping identifier.
+    let seed = standins::Seed::parse(&SEED.replace(
+        "is_mapping_identifier: true",
+        "is_mapping_identifier: false",
+    ))?;
+    env.kameleoon =
+        standins::KameleoonStandin::start(seed.kameleoon, standins::KameleoonConfig::default())
+            .await?;
+    env.start_operator(&[]).await?;
+    env.apply(&secrets_yaml("mp-secret-1", "km-secret-1"))
+        .await?;
+    let by_mapping = CONNECTION.replace(
+        "siteCode: abc123xyz0",
+        "siteCode: abc123xyz0\n    matchBy: MappingIdentifier",
+    );
+    env.apply(&by_mapping).await?;
+    let connection = env
+        .wait_connection(
+            "production",
+            "Connected",
+            "False",
+            "KameleoonMappingIdentifierMissing",
+        )
+        .await?;
+    let message = connection
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Connected")
+        .unwrap()
+        .message;
+    assert!(message.contains("abc123xyz0"), "{message}");
+    assert!(message.contains("matchBy"), "{message}");
+
+    // Matching by visitor code needs no mapping identifier.
+    env.apply(CONNECTION).await?;
+    env.wait_connection("production", "Connected", "True", "Connected")
+        .await?;
+    Ok(())
+}
