@@ -138,17 +138,13 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
             )
         });
 
-    // A request exports now, unless a failed attempt waits for its retry.
+    // A new request exports now, even during a failure's backoff: a person
+    // asked, typically after fixing the cause. The controller marks the
+    // request handled when that attempt ends, so a failure does not repeat.
     if requested {
-        return match retry_at {
-            Some(retry) if retry > inputs.now => Decision::Wait {
-                until: Some(retry),
-                retrying: true,
-            },
-            _ => Decision::Export {
-                kind,
-                cause: Cause::Requested,
-            },
+        return Decision::Export {
+            kind,
+            cause: Cause::Requested,
         };
     }
 

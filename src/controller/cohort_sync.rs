@@ -232,6 +232,11 @@ impl Run<'_> {
         let spec = &self.sync.spec;
         let now = Timestamp::now();
         let mut status = self.current_status();
+        // A new spec gets an attempt of its own at once, not the backoff
+        // that the failures of the previous spec built up.
+        if status.observed_generation != self.generation {
+            status.consecutive_failures = None;
+        }
 
         let durations = spec
             .interval()
@@ -513,8 +518,8 @@ impl Run<'_> {
         attempt.completion_time = Some(Time(finished));
         match outcome {
             Ok(report) => {
-                // A request counts as handled once an export for it finished;
-                // one cut short by a crash or shutdown runs again.
+                // A request counts as handled once an export for it ended.
+                // One cut short by a crash or shutdown runs again.
                 if let Some(request) = sync_request {
                     status.last_handled_sync_request = Some(request.to_string());
                 }
@@ -531,6 +536,15 @@ impl Run<'_> {
                 if failure.reason != reasons::EXPORT_ABORTED {
                     status.consecutive_failures =
                         Some(status.consecutive_failures.unwrap_or(0) + 1);
+                    // A request is answered by one attempt. Its failure is
+                    // retried with backoff like any other, instead of at once
+                    // on every pass because the request still looks new.
+                    if let Some(request) = sync_request {
+                        status.last_handled_sync_request = Some(request.to_string());
+                    }
+                    if let Some(request) = flux_request {
+                        status.last_handled_reconcile_at = Some(request.to_string());
+                    }
                 }
                 shared
                     .metrics

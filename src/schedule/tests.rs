@@ -297,12 +297,11 @@ fn staleness_needs_twice_the_interval() {
 }
 
 #[test]
-fn failed_request_waits_for_backoff() {
+fn request_skips_failure_backoff() {
     let status = failed_at(succeeded_at(-1.0, 1), 0.0, 2);
-    let mut i = inputs(&status, SyncType::OneTime, 0.0);
-    i.sync_request = Some("again");
+    let i = inputs(&status, SyncType::Dynamic, 0.0);
     assert!(matches!(decide(&i), Decision::Wait { retrying: true, .. }));
-    let mut i = inputs(&status, SyncType::OneTime, 0.1);
+    let mut i = inputs(&status, SyncType::Dynamic, 0.0);
     i.sync_request = Some("again");
     assert!(matches!(
         decide(&i),

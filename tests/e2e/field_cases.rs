@@ -1878,3 +1878,115 @@ async fn large_cohort_streams_with_visible_progress() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn fixes_skip_failure_backoff() -> Result<()> {
+    let mut env = Env::new("skip-backoff").await?;
+    // Backoff long enough that waiting for it would fail the test.
+    let mut args = env.args(&[]);
+    for (flag, value) in [
+        ("--failure-backoff-base", "10m"),
+        ("--failure-backoff-max", "30m"),
+    ] {
+        let at = args.iter().position(|a| a == flag).expect("flag set");
+        args[at + 1] = value.to_string();
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let kubeconfig = env.cluster.kubeconfig_path().to_string_lossy().into_owned();
+    env.operator = Some(Operator::spawn(
+        env!("CARGO_BIN_EXE_kameleoon-cohort-operator"),
+        &args,
+        &[("KUBECONFIG", &kubeconfig)],
+    )?);
+    env.connect().await?;
+
+    // A spec edit is tried at once.
+    env.apply(&sync_yaml(
+        "misnamed",
+        "{name: No Such Cohort}",
+        "OneTime",
+        "  customData: {name: mp_misnamed}",
+    ))
+    .await?;
+    env.wait_condition("misnamed", "Stalled", "True", "CohortNotFound")
+        .await?;
+    env.apply(&sync_yaml(
+        "misnamed",
+        "{id: 502}",
+        "OneTime",
+        "  customData: {name: mp_misnamed}",
+    ))
+    .await?;
+    env.wait_sync("misnamed", "the export of the fixed spec", exported)
+        .await?;
+    assert_eq!(
+        env.members_in_kameleoon("mp_misnamed"),
+        ["crm-200", "u-300"]
+    );
+
+    // A request is tried at once, and only once when it fails.
+    let fault = env.kameleoon.add_fault(Fault {
+        times: 0,
+        ..Fault::respond(Route::Events, 400, json!({"error": "Bad Request"}))
+    });
+    env.apply(&sync_yaml(
+        "blocked",
+        "{id: 503}",
+        "OneTime",
+        "  customData: {name: mp_blocked}",
+    ))
+    .await?;
+    let failed = env
+        .wait_sync("blocked", "a failed attempt", |s| {
+            let status = s.status.as_ref().ok_or("no status")?;
+            match status.consecutive_failures {
+                Some(n) if n > 0 => Ok(()),
+                _ => Err("no failure yet".into()),
+            }
+        })
+        .await?;
+    let failures = failed.status.unwrap().consecutive_failures;
+    let annotate = |value: &'static str| {
+        let ns = env.ns().to_string();
+        async move {
+            env.cluster
+                .kubectl(
+                    &[
+                        "annotate",
+                        "--overwrite",
+                        "-n",
+                        &ns,
+                        "csync/blocked",
+                        &format!("cohortsync.io/sync-requested-at={value}"),
+                    ],
+                    None,
+                )
+                .await?
+                .ensure_success()
+        }
+    };
+    annotate("still-broken").await?;
+    let retried = env
+        .wait_sync("blocked", "the requested attempt", |s| {
+            let status = s.status.as_ref().ok_or("no status")?;
+            if status.last_handled_sync_request.as_deref() == Some("still-broken") {
+                Ok(())
+            } else {
+                Err("request not handled yet".into())
+            }
+        })
+        .await?;
+    let retried = retried.status.unwrap();
+    assert_eq!(
+        retried.consecutive_failures,
+        failures.map(|n| n + 1),
+        "the request ran exactly one more attempt"
+    );
+
+    assert!(env.kameleoon.remove_fault(fault));
+    annotate("fixed").await?;
+    env.wait_sync("blocked", "the export after the fix", exported)
+        .await?;
+    assert_eq!(env.members_in_kameleoon("mp_blocked"), ["u-100"]);
+    Ok(())
+}
