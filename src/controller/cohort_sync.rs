@@ -834,10 +834,20 @@ fn connection_problem(connection: &KameleoonConnection) -> Option<Failure> {
         connection.name_any()
     );
     let connected = conditions::find(conditions, types::CONNECTED);
-    let detail = connected.map_or("it has not been checked yet".to_string(), |c| {
-        format!("{}: {}", c.reason, c.message)
-    });
-    let message = format!("KameleoonConnection {name} is not Connected ({detail})");
+    let message = match connected {
+        None => {
+            format!("KameleoonConnection {name} is not Connected (it has not been checked yet)")
+        }
+        // The result describes an older spec of the connection.
+        Some(_) if !current => format!(
+            "KameleoonConnection {name} has not validated its current spec (generation {}) yet",
+            connection.meta().generation.unwrap_or_default()
+        ),
+        Some(c) => format!(
+            "KameleoonConnection {name} is not Connected ({}: {})",
+            c.reason, c.message
+        ),
+    };
     if conditions::is_true(conditions, types::STALLED) {
         Some(Failure::stalled(reasons::CONNECTION_NOT_READY, message))
     } else {

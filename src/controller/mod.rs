@@ -202,17 +202,27 @@ impl Scope {
     /// Query budget of a connection's Mixpanel project, with the strictest
     /// limits any connection of the scope sets for that project.
     pub fn budget(&self, connection: &KameleoonConnection) -> (ProjectKey, Arc<ProjectBudget>) {
-        let key = project_key(connection);
-        let mut limits = limits_of(connection);
-        for other in self.connections.state() {
-            if project_key(&other) == key {
-                let theirs = limits_of(&other);
-                limits.per_hour = limits.per_hour.min(theirs.per_hour);
-                limits.concurrent = limits.concurrent.min(theirs.concurrent);
-            }
-        }
-        (key, self.shared.budgets.project(key, limits))
+        project_budget(&self.shared, &self.connections, connection)
     }
+}
+
+/// Query budget of a connection's Mixpanel project, updated to the strictest
+/// limits that the cached connections set for that project.
+fn project_budget(
+    shared: &Shared,
+    connections: &Store<KameleoonConnection>,
+    connection: &KameleoonConnection,
+) -> (ProjectKey, Arc<ProjectBudget>) {
+    let key = project_key(connection);
+    let mut limits = limits_of(connection);
+    for other in connections.state() {
+        if project_key(&other) == key {
+            let theirs = limits_of(&other);
+            limits.per_hour = limits.per_hour.min(theirs.per_hour);
+            limits.concurrent = limits.concurrent.min(theirs.concurrent);
+        }
+    }
+    (key, shared.budgets.project(key, limits))
 }
 
 fn project_key(connection: &KameleoonConnection) -> ProjectKey {
@@ -366,10 +376,19 @@ async fn run_scope(shared: Arc<Shared>, namespace: Option<String>) {
     // writes must not trigger it again. Secret changes arrive through their
     // own watch.
     let mut generations = HashMap::new();
+    let limits_shared = shared.clone();
+    let limits_store = connections.clone();
     let spec_changes = connection_updates.clone().filter(move |connection| {
         let uid = connection.uid().unwrap_or_default();
         let changed = generations.insert(uid, connection.meta().generation)
             != Some(connection.meta().generation);
+        if changed {
+            // New query limits apply at once, also to callers already
+            // waiting for the project's budget. A validation waiting with
+            // the old limits would otherwise hold this connection's
+            // reconciliation, so nothing would apply the new ones.
+            project_budget(&limits_shared, &limits_store, connection);
+        }
         std::future::ready(changed)
     });
     let connection_controller = Controller::for_shared_stream(spec_changes, connections.clone());

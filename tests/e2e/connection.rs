@@ -206,3 +206,72 @@ async fn mapping_identifier_needs_one_on_site() -> testkit::Result<()> {
         .await?;
     Ok(())
 }
+
+/// The connection of the seed with the given Mixpanel query limits.
+fn connection_with_limits(per_hour: u32, concurrent: u32) -> String {
+    CONNECTION.replace(
+        "credentialsSecretRef: {name: mixpanel-service-account}",
+        &format!(
+            "credentialsSecretRef: {{name: mixpanel-service-account}}\n    \
+             queriesPerHour: {per_hour}\n    maxConcurrentQueries: {concurrent}"
+        ),
+    )
+}
+
+#[tokio::test]
+async fn raised_query_limit_unblocks_validation() -> testkit::Result<()> {
+    let mut env = Env::new("conn-limits").await?;
+    env.start_operator(&[]).await?;
+    env.apply(&secrets_yaml("mp-secret-1", "km-secret-1"))
+        .await?;
+    env.apply(&connection_with_limits(1, 5)).await?;
+    env.wait_connection("production", "Connected", "True", "Connected")
+        .await?;
+
+    // The hour's only query is spent, so validating the next spec waits
+    // for Mixpanel's budget after it has checked Kameleoon.
+    let count = |requests: Vec<standins::record::RequestRecord>, path: &str| {
+        requests.iter().filter(|r| r.path.ends_with(path)).count()
+    };
+    let sites_before = count(env.kameleoon.requests(), "/sites");
+    let lists_before = count(env.mixpanel.requests(), "/cohorts/list");
+    env.apply(&connection_with_limits(1, 4)).await?;
+    testkit::wait_until(
+        TIMEOUT,
+        "the validation of generation 2 to check Kameleoon",
+        async || {
+            if count(env.kameleoon.requests(), "/sites") > sites_before {
+                Ok(())
+            } else {
+                Err(testkit::anyhow::anyhow!("no site lookup yet"))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(
+        count(env.mixpanel.requests(), "/cohorts/list"),
+        lists_before
+    );
+
+    // Raising the limit releases the waiting validation and the next one.
+    env.apply(&connection_with_limits(60, 4)).await?;
+    testkit::wait_until(TIMEOUT, "generation 3 to be validated", async || {
+        let connection = env.connections().get("production").await?;
+        let status = connection.status.unwrap_or_default();
+        let connected = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Connected" && c.status == "True");
+        if status.observed_generation == Some(3) && connected {
+            Ok(())
+        } else {
+            Err(testkit::anyhow::anyhow!(
+                "observed generation {:?}, connected {connected}",
+                status.observed_generation
+            ))
+        }
+    })
+    .await?;
+    assert!(count(env.mixpanel.requests(), "/cohorts/list") > lists_before);
+    Ok(())
+}
