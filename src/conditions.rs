@@ -81,6 +81,8 @@ pub mod reasons {
     pub const COHORT_AMBIGUOUS: &str = "CohortAmbiguous";
     /// Mixpanel lists the cohort but refuses to return its members.
     pub const COHORT_UNAVAILABLE: &str = "CohortUnavailable";
+    /// An older CohortSync already exports to the same custom data.
+    pub const CUSTOM_DATA_CONFLICT: &str = "CustomDataConflict";
     /// The custom data of that name exists with another format or scope.
     pub const CUSTOM_DATA_INCOMPATIBLE: &str = "CustomDataIncompatible";
     /// The spec holds a value the controller cannot use.

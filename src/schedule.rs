@@ -138,13 +138,19 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
             )
         });
 
-    // A new request exports now, even during a failure's backoff: a person
-    // asked, typically after fixing the cause. The controller marks the
-    // request handled when that attempt ends, so a failure does not repeat.
+    // A request exports now, unless a failed attempt waits for its retry.
+    // The request stays pending until an export for it succeeds. Skipping
+    // the backoff would therefore repeat a failing request on every pass.
     if requested {
-        return Decision::Export {
-            kind,
-            cause: Cause::Requested,
+        return match retry_at {
+            Some(retry) if retry > inputs.now => Decision::Wait {
+                until: Some(retry),
+                retrying: true,
+            },
+            _ => Decision::Export {
+                kind,
+                cause: Cause::Requested,
+            },
         };
     }
 

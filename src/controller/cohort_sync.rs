@@ -518,8 +518,8 @@ impl Run<'_> {
         attempt.completion_time = Some(Time(finished));
         match outcome {
             Ok(report) => {
-                // A request counts as handled once an export for it ended.
-                // One cut short by a crash or shutdown runs again.
+                // A request counts as handled once an export for it finished;
+                // one cut short by a crash or shutdown runs again.
                 if let Some(request) = sync_request {
                     status.last_handled_sync_request = Some(request.to_string());
                 }
@@ -536,15 +536,6 @@ impl Run<'_> {
                 if failure.reason != reasons::EXPORT_ABORTED {
                     status.consecutive_failures =
                         Some(status.consecutive_failures.unwrap_or(0) + 1);
-                    // A request is answered by one attempt. Its failure is
-                    // retried with backoff like any other, instead of at once
-                    // on every pass because the request still looks new.
-                    if let Some(request) = sync_request {
-                        status.last_handled_sync_request = Some(request.to_string());
-                    }
-                    if let Some(request) = flux_request {
-                        status.last_handled_reconcile_at = Some(request.to_string());
-                    }
                 }
                 shared
                     .metrics
@@ -999,6 +990,7 @@ fn static_reason(reason: &str) -> &'static str {
         reasons::COHORT_AMBIGUOUS,
         reasons::COHORT_UNAVAILABLE,
         reasons::CUSTOM_DATA_INCOMPATIBLE,
+        reasons::CUSTOM_DATA_CONFLICT,
         reasons::INVALID_SPEC,
         reasons::KUBERNETES_API_ERROR,
         reasons::EXPORT_ABORTED,

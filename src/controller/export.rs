@@ -98,6 +98,17 @@ impl Job<'_> {
             .custom_data_name()
             .unwrap_or(&cohort.name)
             .to_string();
+        if let Some(owner) = self.custom_data_owner(&custom_data_name) {
+            return Err(Failure::stalled(
+                reasons::CUSTOM_DATA_CONFLICT,
+                format!(
+                    "CohortSync {owner} already exports to custom data \"{custom_data_name}\" of \
+                     Kameleoon site {}, and two syncs would overwrite each other's members: set \
+                     spec.customData.name to another name",
+                    self.connection.spec.kameleoon.site_code
+                ),
+            ));
+        }
         let custom_data = self
             .resolve_custom_data(&credentials, &custom_data_name)
             .await?;
@@ -808,6 +819,52 @@ fn kameleoon_status<T>(result: &Result<T, kameleoon::Error>) -> Option<u16> {
         Err(E::PayloadTooLarge { .. }) => Some(413),
         Err(E::RateLimited { .. }) => Some(429),
         Err(E::Transport(_) | E::Decode(_)) => None,
+    }
+}
+
+impl Job<'_> {
+    /// Returns `namespace/name` of an older CohortSync that already exports
+    /// to the custom data `name` of this sync's Kameleoon site. The oldest
+    /// sync keeps the custom data, so exactly one of two rivals exports. Dry
+    /// runs and syncs being deleted claim nothing.
+    fn custom_data_owner(&self, name: &str) -> Option<String> {
+        let site = &self.connection.spec.kameleoon.site_code;
+        let age = |sync: &CohortSync| {
+            (
+                sync.metadata.creation_timestamp.clone(),
+                sync.namespace().unwrap_or_default(),
+                sync.name_any(),
+            )
+        };
+        let mine = age(self.sync);
+        let owner = self.scope.syncs.state().into_iter().find(|other| {
+            if other.metadata.uid == self.sync.metadata.uid
+                || other.metadata.deletion_timestamp.is_some()
+                || other.spec.dry_run
+                || age(other) >= mine
+            {
+                return false;
+            }
+            let target = other
+                .status
+                .as_ref()
+                .and_then(|s| s.custom_data.as_ref())
+                .map(|c| c.name.as_str())
+                .or(other.spec.custom_data_name());
+            let namespace = other.namespace().unwrap_or_default();
+            let other_site = super::lookup(
+                &self.scope.connections,
+                &namespace,
+                &other.spec.connection_ref.name,
+            )
+            .map(|c| c.spec.kameleoon.site_code.clone());
+            target == Some(name) && other_site.as_ref() == Some(site)
+        })?;
+        Some(format!(
+            "{}/{}",
+            owner.namespace().unwrap_or_default(),
+            owner.name_any()
+        ))
     }
 }
 

@@ -297,11 +297,12 @@ fn staleness_needs_twice_the_interval() {
 }
 
 #[test]
-fn request_skips_failure_backoff() {
+fn failed_request_waits_for_backoff() {
     let status = failed_at(succeeded_at(-1.0, 1), 0.0, 2);
-    let i = inputs(&status, SyncType::Dynamic, 0.0);
+    let mut i = inputs(&status, SyncType::OneTime, 0.0);
+    i.sync_request = Some("again");
     assert!(matches!(decide(&i), Decision::Wait { retrying: true, .. }));
-    let mut i = inputs(&status, SyncType::Dynamic, 0.0);
+    let mut i = inputs(&status, SyncType::OneTime, 0.1);
     i.sync_request = Some("again");
     assert!(matches!(
         decide(&i),

@@ -207,7 +207,7 @@ async fn mapping_identifier_needs_one_on_site() -> testkit::Result<()> {
     Ok(())
 }
 
-/// The connection of the seed with the given Mixpanel query limits.
+/// Returns the connection of the seed with the given Mixpanel query limits.
 fn connection_with_limits(per_hour: u32, concurrent: u32) -> String {
     CONNECTION.replace(
         "credentialsSecretRef: {name: mixpanel-service-account}",

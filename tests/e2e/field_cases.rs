@@ -941,7 +941,7 @@ async fn status_and_label_edits_do_not_export() -> Result<()> {
         "canary-2",
         "{id: 503}",
         "OneTime",
-        "  customData: {name: mp_canary}",
+        "  customData: {name: mp_canary_2}",
     ))
     .await?;
     env.wait_sync("canary-2", "the second canary export", exported)
@@ -1880,7 +1880,7 @@ async fn large_cohort_streams_with_visible_progress() -> Result<()> {
 }
 
 #[tokio::test]
-async fn fixes_skip_failure_backoff() -> Result<()> {
+async fn spec_fix_skips_failure_backoff() -> Result<()> {
     let mut env = Env::new("skip-backoff").await?;
     // Backoff long enough that waiting for it would fail the test.
     let mut args = env.args(&[]);
@@ -1923,70 +1923,58 @@ async fn fixes_skip_failure_backoff() -> Result<()> {
         env.members_in_kameleoon("mp_misnamed"),
         ["crm-200", "u-300"]
     );
+    Ok(())
+}
 
-    // A request is tried at once, and only once when it fails.
-    let fault = env.kameleoon.add_fault(Fault {
-        times: 0,
-        ..Fault::respond(Route::Events, 400, json!({"error": "Bad Request"}))
-    });
+#[tokio::test]
+async fn second_sync_to_same_custom_data_is_refused() -> Result<()> {
+    let mut env = Env::new("custom-data-conflict").await?;
+    env.start_operator(&[]).await?;
+    env.connect().await?;
     env.apply(&sync_yaml(
-        "blocked",
-        "{id: 503}",
-        "OneTime",
-        "  customData: {name: mp_blocked}",
+        "first",
+        "{id: 502}",
+        "Dynamic",
+        "  customData: {name: mp_shared}",
     ))
     .await?;
-    let failed = env
-        .wait_sync("blocked", "a failed attempt", |s| {
-            let status = s.status.as_ref().ok_or("no status")?;
-            match status.consecutive_failures {
-                Some(n) if n > 0 => Ok(()),
-                _ => Err("no failure yet".into()),
-            }
-        })
-        .await?;
-    let failures = failed.status.unwrap().consecutive_failures;
-    let annotate = |value: &'static str| {
-        let ns = env.ns().to_string();
-        async move {
-            env.cluster
-                .kubectl(
-                    &[
-                        "annotate",
-                        "--overwrite",
-                        "-n",
-                        &ns,
-                        "csync/blocked",
-                        &format!("cohortsync.io/sync-requested-at={value}"),
-                    ],
-                    None,
-                )
-                .await?
-                .ensure_success()
-        }
-    };
-    annotate("still-broken").await?;
-    let retried = env
-        .wait_sync("blocked", "the requested attempt", |s| {
-            let status = s.status.as_ref().ok_or("no status")?;
-            if status.last_handled_sync_request.as_deref() == Some("still-broken") {
-                Ok(())
-            } else {
-                Err("request not handled yet".into())
-            }
-        })
-        .await?;
-    let retried = retried.status.unwrap();
-    assert_eq!(
-        retried.consecutive_failures,
-        failures.map(|n| n + 1),
-        "the request ran exactly one more attempt"
-    );
+    env.wait_sync("first", "the first export", exported).await?;
 
-    assert!(env.kameleoon.remove_fault(fault));
-    annotate("fixed").await?;
-    env.wait_sync("blocked", "the export after the fix", exported)
+    // Another cohort into the same custom data would overwrite the first
+    // sync's members, and clearing on deletion would erase them.
+    env.apply(&sync_yaml(
+        "second",
+        "{id: 503}",
+        "OneTime",
+        "  customData: {name: mp_shared}\n  deletionPolicy: Clear",
+    ))
+    .await?;
+    let refused = env
+        .wait_condition("second", "Stalled", "True", "CustomDataConflict")
         .await?;
-    assert_eq!(env.members_in_kameleoon("mp_blocked"), ["u-100"]);
+    let stalled = condition(&refused, "Stalled").expect("Stalled");
+    assert!(stalled.message.contains("first"), "{}", stalled.message);
+    assert!(
+        stalled.message.contains("spec.customData.name"),
+        "{}",
+        stalled.message
+    );
+    assert_conditions_complete(&refused);
+    assert_eq!(env.members_in_kameleoon("mp_shared"), ["crm-200", "u-300"]);
+
+    env.syncs()
+        .delete("second", &DeleteParams::default())
+        .await?;
+    wait_deleted(&env, "second").await?;
+    assert_eq!(env.members_in_kameleoon("mp_shared"), ["crm-200", "u-300"]);
+    assert!(env.carrying("mp_shared", "false").is_empty());
+    let first = env.syncs().get("first").await?;
+    condition_is(
+        &first.status.unwrap_or_default().conditions,
+        "Ready",
+        "True",
+        "",
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
     Ok(())
 }
