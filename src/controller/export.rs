@@ -203,7 +203,12 @@ impl Job<'_> {
 
         self.tracker.phase(ExportPhase::WritingKameleoon);
         let changes = diff(&read.members, previous.as_ref());
-        self.send(&credentials, &target, kind, changes).await?;
+        let lines = match kind {
+            ExportKind::Full => counts.exported,
+            ExportKind::Differential => counts.added,
+        } + counts.removed;
+        self.send(&credentials, &target, kind, lines.max(0) as u64, changes)
+            .await?;
 
         if steps.exported_after {
             let saved = match union.filter(|_| left == 0) {
@@ -590,6 +595,7 @@ impl Job<'_> {
         credentials: &ConnectionCredentials,
         target: &Target,
         kind: ExportKind,
+        expected_lines: u64,
         changes: impl Iterator<Item = io::Result<Change<'m>>>,
     ) -> Result<(), Failure> {
         let lines = changes.filter_map(move |change| match change {
@@ -601,7 +607,7 @@ impl Job<'_> {
             Ok(Change::Stayed(_)) => None,
             Ok(Change::Left(id)) => Some(Ok((Cow::Owned(id), false))),
         });
-        send_lines(self, credentials, target, 0, lines).await
+        send_lines(self, credentials, target, expected_lines, lines).await
     }
 
     async fn kameleoon_call<T, F, Fut>(
