@@ -77,7 +77,10 @@ pub struct CohortSyncSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new(format!("!self.matches('{DURATION_PATTERN}') || duration(self) >= duration('15m')"))
         .message(Message::Expression("'spec.interval must be at least 15m, got ' + self".into())))]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"), length(max = 32))]
+    #[schemars(
+        regex(pattern = r"^([0-9]{1,5}(\.[0-9]+)?(ms|s|m|h)){1,4}$"),
+        length(max = 32)
+    )]
     pub interval: Option<String>,
     /// Time between two complete exports of a Dynamic sync, as a Go duration. Between
     /// complete exports only the members who joined or left are sent. Dynamic only.
@@ -85,7 +88,10 @@ pub struct CohortSyncSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new(format!("!self.matches('{DURATION_PATTERN}') || duration(self) >= duration('1h')"))
         .message(Message::Expression("'spec.fullExportInterval must be at least 1h, got ' + self".into())))]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"), length(max = 32))]
+    #[schemars(
+        regex(pattern = r"^([0-9]{1,5}(\.[0-9]+)?(ms|s|m|h)){1,4}$"),
+        length(max = 32)
+    )]
     pub full_export_interval: Option<String>,
     /// Stops scheduling exports while true; status is kept and Ready says Suspended.
     /// Deletion still runs its cleanup.
@@ -106,7 +112,7 @@ pub struct CohortSyncSpec {
 }
 
 /// Go duration syntax accepted for intervals, in the form the CEL rules repeat.
-const DURATION_PATTERN: &str = r"^([0-9]+(\\.[0-9]+)?(ms|s|m|h))+$";
+const DURATION_PATTERN: &str = r"^([0-9]{1,5}(\\.[0-9]+)?(ms|s|m|h)){1,4}$";
 
 /// Identifies a Mixpanel cohort.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
@@ -142,7 +148,7 @@ pub struct CustomDataSpec {
     /// created when the project has none of that name. Default: the cohort's name in
     /// Mixpanel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 255))]
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"\S"))]
     pub name: Option<String>,
 }
 

@@ -48,6 +48,21 @@ async fn invalid_specs_are_rejected_at_admission() -> testkit::Result<()> {
             "spec.interval applies to Dynamic syncs only",
         ),
         (
+            "interval beyond the duration range",
+            sync_yaml(
+                "i1",
+                "{id: 5}",
+                "Dynamic",
+                "  interval: 99999999999999999999h",
+            ),
+            "spec.interval",
+        ),
+        (
+            "blank custom data name",
+            sync_yaml("i2", "{id: 5}", "OneTime", "  customData: {name: \"  \"}"),
+            "spec.customData.name",
+        ),
+        (
             "empty custom data name",
             sync_yaml("g", "{id: 5}", "OneTime", "  customData: {name: \"\"}"),
             "spec.customData.name",
