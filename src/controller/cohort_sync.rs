@@ -537,6 +537,13 @@ impl Run<'_> {
                     status.consecutive_failures =
                         Some(status.consecutive_failures.unwrap_or(0) + 1);
                 }
+                if matches!(
+                    failure.reason,
+                    reasons::KAMELEOON_CREDENTIALS_REJECTED
+                        | reasons::MIXPANEL_CREDENTIALS_REJECTED
+                ) {
+                    self.scope.revalidate(connection);
+                }
                 shared
                     .metrics
                     .export_duration

@@ -196,9 +196,27 @@ pub struct Scope {
     /// `Store::wait_until_ready`, whose one-shot channel wakes only the last
     /// of several tasks waiting at once, so the others would hang.
     pub connections_ready: tokio::sync::watch::Receiver<bool>,
+    /// Asks the connection controller to validate a connection again.
+    revalidate: tokio::sync::mpsc::UnboundedSender<ObjectRef<KameleoonConnection>>,
 }
 
 impl Scope {
+    /// Validates a connection again now, forgetting its last result: an
+    /// export found its credentials rejected, so a Connected condition
+    /// from before would mislead.
+    pub fn revalidate(&self, connection: &KameleoonConnection) {
+        if let Some(uid) = connection.uid() {
+            self.shared
+                .validations
+                .lock()
+                .expect("validation lock")
+                .remove(&uid);
+        }
+        // The receiver lives as long as the controllers; once they stopped
+        // there is nothing left to validate.
+        let _ = self.revalidate.send(ObjectRef::from_obj(connection));
+    }
+
     /// Query budget of a connection's Mixpanel project, with the strictest
     /// limits any connection of the scope sets for that project.
     pub fn budget(&self, connection: &KameleoonConnection) -> (ProjectKey, Arc<ProjectBudget>) {
@@ -407,11 +425,16 @@ async fn run_scope(shared: Arc<Shared>, namespace: Option<String>) {
     .predicate_filter(sync_trigger, Default::default());
     let sync_controller = Controller::for_stream(sync_stream, syncs.clone());
 
+    let (revalidate, revalidations) = tokio::sync::mpsc::unbounded_channel();
     let scope = Arc::new(Scope {
         shared: shared.clone(),
         connections: connections.clone(),
         syncs: syncs.clone(),
         connections_ready,
+        revalidate,
+    });
+    let revalidations = futures::stream::unfold(revalidations, |mut receiver| async move {
+        receiver.recv().await.map(|object| (object, receiver))
     });
 
     // The operator's own member Secrets change with every export; they never
@@ -431,6 +454,7 @@ async fn run_scope(shared: Arc<Shared>, namespace: Option<String>) {
         .watches_stream(secret_stream, move |secret| {
             connection::referencing_secret(&secret_store, &secret)
         })
+        .reconcile_on(revalidations)
         .graceful_shutdown_on(shared.shutdown.clone().cancelled_owned())
         .run(
             |connection, scope| {

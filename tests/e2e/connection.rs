@@ -275,3 +275,61 @@ async fn raised_query_limit_unblocks_validation() -> testkit::Result<()> {
     assert!(count(env.mixpanel.requests(), "/cohorts/list") > lists_before);
     Ok(())
 }
+
+#[tokio::test]
+async fn rejected_export_revalidates_connection() -> testkit::Result<()> {
+    let mut env = Env::new("conn-revalidate").await?;
+    env.start_operator(&[]).await?;
+    env.connect().await?;
+    env.wait_connection("production", "Connected", "True", "Connected")
+        .await?;
+
+    // Kameleoon stops accepting the client secret that the Secret holds,
+    // long before the connection's periodic validation (30 minutes).
+    env.kameleoon
+        .set_client_secret("growth-operator", "km-secret-elsewhere", true)?;
+    env.apply(&sync_yaml(
+        "after-rotation",
+        "{id: 502}",
+        "OneTime",
+        "  customData: {name: mp_after_rotation}",
+    ))
+    .await?;
+    let connection = env
+        .wait_connection(
+            "production",
+            "Connected",
+            "False",
+            "KameleoonCredentialsRejected",
+        )
+        .await?;
+    let connected = connection
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Connected")
+        .unwrap();
+    assert!(
+        !connected.message.contains("km-secret"),
+        "{}",
+        connected.message
+    );
+    env.wait_sync(
+        "after-rotation",
+        "the sync to point at the connection",
+        |s| {
+            condition_is(
+                s.status
+                    .as_ref()
+                    .map(|s| s.conditions.as_slice())
+                    .unwrap_or_default(),
+                "Ready",
+                "False",
+                "ConnectionNotReady",
+            )
+        },
+    )
+    .await?;
+    Ok(())
+}
