@@ -196,14 +196,14 @@ pub struct Scope {
     /// `Store::wait_until_ready`, whose one-shot channel wakes only the last
     /// of several tasks waiting at once, so the others would hang.
     pub connections_ready: tokio::sync::watch::Receiver<bool>,
-    /// Asks the connection controller to validate a connection again.
+    /// Channel to the connection controller for connections to validate again.
     revalidate: tokio::sync::mpsc::UnboundedSender<ObjectRef<KameleoonConnection>>,
 }
 
 impl Scope {
-    /// Validates a connection again now, forgetting its last result: an
-    /// export found its credentials rejected, so a Connected condition
-    /// from before would mislead.
+    /// Validates a connection again now and forgets its last result. An
+    /// export found its credentials rejected, so an earlier Connected
+    /// condition would mislead.
     pub fn revalidate(&self, connection: &KameleoonConnection) {
         if let Some(uid) = connection.uid() {
             self.shared
@@ -212,8 +212,8 @@ impl Scope {
                 .expect("validation lock")
                 .remove(&uid);
         }
-        // The receiver lives as long as the controllers; once they stopped
-        // there is nothing left to validate.
+        // The receiver lives as long as the controllers. Once they have
+        // stopped, nothing is left to validate.
         let _ = self.revalidate.send(ObjectRef::from_obj(connection));
     }
 
@@ -224,8 +224,8 @@ impl Scope {
     }
 }
 
-/// Query budget of a connection's Mixpanel project, updated to the strictest
-/// limits that the cached connections set for that project.
+/// Returns the query budget of a connection's Mixpanel project, after
+/// updating it to the strictest limits that the cached connections set.
 fn project_budget(
     shared: &Shared,
     connections: &Store<KameleoonConnection>,
