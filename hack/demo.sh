@@ -11,7 +11,15 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 dir=$repo/.tmp/demo
 keep=0
-[ "${1:-}" = "--keep" ] && keep=1
+for arg in "$@"; do
+  case $arg in
+    --keep) keep=1 ;;
+    *)
+      echo "demo: unknown argument $arg; the only option is --keep" >&2
+      exit 2
+      ;;
+  esac
+done
 pids=()
 
 say() { printf '\n==> %s\n' "$*"; }
@@ -87,6 +95,11 @@ say "Data API requests the stand-in received"
 curl -s "$kameleoon/_standin/requests?route=events" | grep -o '"line_count":[0-9]*' | sort | uniq -c
 
 if [ "$keep" = 1 ]; then
-  say "Running; KUBECONFIG=$KUBECONFIG. Ctrl-C stops everything."
+  say "Running. Ctrl-C (or SIGINT to this script, PID $$) stops everything."
+  echo "  KUBECONFIG=$KUBECONFIG"
+  echo "  operator log: $dir/operator.log"
+  echo "  Mixpanel stand-in: $mixpanel"
+  echo "  Kameleoon stand-in: $kameleoon (what it received: $kameleoon/_standin/requests)"
+  echo "  tests/standins/README.md lists the stand-ins' control endpoints."
   wait
 fi
