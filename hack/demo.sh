@@ -29,6 +29,7 @@ cleanup() {
   bash hack/control-plane.sh down "$dir/cluster" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 say "Building the Kubernetes components (cached after the first run)"
 tools=$(bash hack/tools.sh)
@@ -95,7 +96,7 @@ say "Data API requests the stand-in received"
 curl -s "$kameleoon/_standin/requests?route=events" | grep -o '"line_count":[0-9]*' | sort | uniq -c
 
 if [ "$keep" = 1 ]; then
-  say "Running. Ctrl-C (or SIGINT to this script, PID $$) stops everything."
+  say "Running. Ctrl-C, or SIGINT or SIGTERM to this script (PID $$), stops everything."
   echo "  KUBECONFIG=$KUBECONFIG"
   echo "  operator log: $dir/operator.log"
   echo "  Mixpanel stand-in: $mixpanel"
