@@ -37,6 +37,8 @@ export PATH=$tools:$PATH
 
 say "Building the operator and the stand-ins"
 cargo build --release --bin kameleoon-cohort-operator -p kameleoon-cohort-operator
+# Binaries land in CARGO_TARGET_DIR when it is set, relative to the repository.
+bin=${CARGO_TARGET_DIR:-target}/release
 cargo build --release -p standins --bin standins
 
 rm -rf "$dir" && mkdir -p "$dir"
@@ -45,7 +47,7 @@ bash hack/control-plane.sh up "$dir/cluster" --watch-pid $$
 export KUBECONFIG=$dir/cluster/kubeconfig
 
 say "Starting the stand-in Mixpanel and Kameleoon servers"
-target/release/standins --seed examples/demo/seed.yaml --urls-file "$dir/urls.json" >"$dir/standins.log" 2>&1 &
+"$bin/standins" --seed examples/demo/seed.yaml --urls-file "$dir/urls.json" >"$dir/standins.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do [ -s "$dir/urls.json" ] && break; sleep 0.1; done
 mixpanel=$(sed -n 's/.*"mixpanel": "\(.*\)".*/\1/p' "$dir/urls.json")
@@ -69,7 +71,7 @@ for crd in kameleoonconnections.cohortsync.io cohortsyncs.cohortsync.io; do
 done
 
 say "Starting the operator (log: $dir/operator.log)"
-target/release/kameleoon-cohort-operator run \
+"$bin/kameleoon-cohort-operator" run \
   --metrics-address 127.0.0.1:0 --health-address 127.0.0.1:0 \
   --mixpanel-url "$mixpanel" --kameleoon-api-url "$kameleoon" --kameleoon-data-url "$kameleoon" \
   >"$dir/operator.log" 2>&1 &
