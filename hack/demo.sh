@@ -15,7 +15,7 @@ for arg in "$@"; do
   case $arg in
     --keep) keep=1 ;;
     *)
-      echo "demo: unknown argument $arg; the only option is --keep" >&2
+      echo "demo: unknown argument $arg (the only option is --keep)" >&2
       exit 2
       ;;
   esac
