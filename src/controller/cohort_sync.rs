@@ -400,9 +400,16 @@ impl Run<'_> {
                 message: failure.message.clone(),
             }
         };
+        let before = conditions::find(&status.conditions, types::READY).map(|c| c.reason.clone());
         summary.apply(&mut status.conditions, self.generation, now);
         status.observed_generation = self.generation;
         self.write_status(&status).await?;
+        // One Event when the sync becomes blocked for this reason, not one
+        // per pass while it stays blocked.
+        if before.as_deref() != Some(failure.reason) {
+            self.event(EventType::Warning, failure.reason, failure.message.clone())
+                .await;
+        }
         tracing::debug!(
             next_export = "none",
             reason = failure.reason,

@@ -992,6 +992,9 @@ async fn sync_waits_for_connection_created_later() -> Result<()> {
     assert_eq!(ready.reason, "ConnectionNotFound");
     assert!(ready.message.contains("conn-late"), "{}", ready.message);
     assert_conditions_complete(&waiting);
+    let event = wait_event(&env, "early", "Warning", "ConnectionNotFound").await?;
+    let note = event.note.unwrap_or_default();
+    assert!(note.contains("conn-late"), "{note}");
 
     // Nothing was exported, so deletion has nothing to clean up.
     env.wait_condition("early-clear", "Stalled", "True", "ConnectionNotFound")
