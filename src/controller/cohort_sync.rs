@@ -537,6 +537,7 @@ impl Run<'_> {
                     .await;
             }
             Err(failure) => {
+                let failure = failure.naming_secrets(connection);
                 attempt.result = AttemptResult::Failed;
                 attempt.reason = Some(failure.reason.to_string());
                 attempt.message = Some(failure.message.clone());

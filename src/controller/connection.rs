@@ -89,7 +89,9 @@ pub async fn reconcile(
             match remembered {
                 Some(validation) => validation.outcome,
                 None => {
-                    let outcome = validate(&scope, &connection, credentials).await;
+                    let outcome = validate(&scope, &connection, credentials)
+                        .await
+                        .map_err(|failure| failure.naming_secrets(&connection));
                     shared.validations.lock().expect("validation lock").insert(
                         uid.clone(),
                         Validation {

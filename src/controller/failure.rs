@@ -17,7 +17,37 @@ pub struct Failure {
     pub stalled: bool,
 }
 
+/// Placeholders in credential messages, replaced by the Secret's name.
+const MIXPANEL_SECRET: &str = "the Mixpanel Secret";
+const KAMELEOON_SECRET: &str = "the Kameleoon Secret";
+
 impl Failure {
+    /// Names the connection's Secrets in place of "the Mixpanel Secret" and
+    /// "the Kameleoon Secret", which the error mappings write without
+    /// knowing the connection.
+    pub fn naming_secrets(mut self, connection: &crate::crd::KameleoonConnection) -> Self {
+        use kube::ResourceExt;
+        let namespace = connection.namespace().unwrap_or_default();
+        let spec = &connection.spec;
+        self.message = self
+            .message
+            .replace(
+                MIXPANEL_SECRET,
+                &format!(
+                    "Mixpanel Secret {namespace}/{}",
+                    spec.mixpanel.credentials_secret_ref.name
+                ),
+            )
+            .replace(
+                KAMELEOON_SECRET,
+                &format!(
+                    "Kameleoon Secret {namespace}/{}",
+                    spec.kameleoon.credentials_secret_ref.name
+                ),
+            );
+        self
+    }
+
     /// Builds a failure that a retry may fix.
     pub fn transient(reason: &'static str, message: impl Into<String>) -> Self {
         Self {
@@ -44,7 +74,7 @@ impl Failure {
             E::Unauthorized { .. } => Self::stalled(
                 reasons::MIXPANEL_CREDENTIALS_REJECTED,
                 format!(
-                    "{message}; check the service account username and secret in the Mixpanel Secret"
+                    "{message}; check the service account username and secret in {MIXPANEL_SECRET}"
                 ),
             ),
             E::Forbidden { .. } => Self::stalled(
@@ -104,7 +134,7 @@ impl Failure {
             E::InvalidClient { .. } | E::Unauthorized { .. } => Self::stalled(
                 reasons::KAMELEOON_CREDENTIALS_REJECTED,
                 format!(
-                    "{message}; check the client id and secret (or API key) in the Kameleoon Secret"
+                    "{message}; check the client id and secret (or API key) in {KAMELEOON_SECRET}"
                 ),
             ),
             E::RateLimited { .. } => Self::transient(reasons::KAMELEOON_RATE_LIMITED, message),

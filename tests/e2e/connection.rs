@@ -45,6 +45,7 @@ async fn wrong_kameleoon_secret_names_kameleoon() -> testkit::Result<()> {
         .unwrap()
         .message;
     assert!(message.contains("Kameleoon"), "{message}");
+    assert!(message.contains("kameleoon-api"), "{message}");
     assert!(
         !message.contains("wrong-km-secret"),
         "the secret leaked: {message}"
@@ -78,6 +79,7 @@ async fn wrong_mixpanel_secret_names_mixpanel() -> testkit::Result<()> {
         .unwrap()
         .message;
     assert!(message.contains("Mixpanel"), "{message}");
+    assert!(message.contains("mixpanel-service-account"), "{message}");
     assert!(
         !message.contains("wrong-mp-secret"),
         "the secret leaked: {message}"
