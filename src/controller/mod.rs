@@ -201,7 +201,7 @@ pub struct Scope {
 }
 
 impl Scope {
-    /// Validates a connection again now and forgets its last result. An
+    /// Validates a connection again now, dropping its cached result. An
     /// export found its credentials rejected, so an earlier Connected
     /// condition would mislead.
     pub fn revalidate(&self, connection: &KameleoonConnection) {

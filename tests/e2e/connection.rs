@@ -99,14 +99,7 @@ async fn missing_secret_recovers_once_created() -> testkit::Result<()> {
     let connection = env
         .wait_connection("production", "Connected", "False", "SecretNotFound")
         .await?;
-    let message = connection
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Connected")
-        .unwrap()
-        .message;
+    let message = connected_message(&connection);
     assert!(message.contains("mixpanel-service-account"), "{message}");
     // Creating the Secrets recovers without a restart; the revalidation
     // interval (30m) is far longer than the wait.
@@ -139,14 +132,7 @@ stringData: {clientId: growth-operator, clientSecret: km-secret-1}
     let connection = env
         .wait_connection("production", "Connected", "False", "SecretKeyMissing")
         .await?;
-    let message = connection
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Connected")
-        .unwrap()
-        .message;
+    let message = connected_message(&connection);
     assert!(message.contains("\"secret\""), "{message}");
     Ok(())
 }
@@ -191,14 +177,7 @@ async fn mapping_identifier_needs_one_on_site() -> testkit::Result<()> {
             "KameleoonMappingIdentifierMissing",
         )
         .await?;
-    let message = connection
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Connected")
-        .unwrap()
-        .message;
+    let message = connected_message(&connection);
     assert!(message.contains("abc123xyz0"), "{message}");
     assert!(message.contains("matchBy"), "{message}");
 
@@ -305,18 +284,8 @@ async fn rejected_export_revalidates_connection() -> testkit::Result<()> {
             "KameleoonCredentialsRejected",
         )
         .await?;
-    let connected = connection
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Connected")
-        .unwrap();
-    assert!(
-        !connected.message.contains("km-secret"),
-        "{}",
-        connected.message
-    );
+    let message = connected_message(&connection);
+    assert!(!message.contains("km-secret"), "{message}");
     env.wait_sync(
         "after-rotation",
         "the sync to point at the connection",

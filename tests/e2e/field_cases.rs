@@ -1761,19 +1761,9 @@ async fn deleted_secret_pauses_sync_until_recreated() -> Result<()> {
     let connection = env
         .wait_connection("production", "Connected", "False", "SecretNotFound")
         .await?;
-    let connected = connection
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Connected")
-        .unwrap();
-    assert!(
-        connected.message.contains("mixpanel-service-account"),
-        "{}",
-        connected.message
-    );
-    assert!(!connected.message.contains("mp-secret-1"));
+    let message = connected_message(&connection);
+    assert!(message.contains("mixpanel-service-account"), "{message}");
+    assert!(!message.contains("mp-secret-1"), "{message}");
     let waiting = env
         .wait_condition("steady", "Ready", "False", "ConnectionNotReady")
         .await?;
@@ -1930,7 +1920,7 @@ async fn spec_fix_skips_failure_backoff() -> Result<()> {
 }
 
 #[tokio::test]
-async fn second_sync_to_same_custom_data_is_refused() -> Result<()> {
+async fn second_sync_to_same_custom_data_is_rejected() -> Result<()> {
     let mut env = Env::new("custom-data-conflict").await?;
     env.start_operator(&[]).await?;
     env.connect().await?;

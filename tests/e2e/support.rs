@@ -413,6 +413,16 @@ pub fn condition_is(
     }
 }
 
+/// Message of a connection's Connected condition, empty without one.
+pub fn connected_message(connection: &KameleoonConnection) -> String {
+    connection
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Connected"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
 /// Status of a sync as JSON, for failure messages.
 pub fn status_json(sync: &CohortSync) -> Value {
     serde_json::to_value(&sync.status).unwrap_or(Value::Null)
